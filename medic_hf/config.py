@@ -1,0 +1,163 @@
+"""`MedicConfig`: the training arguments of a MEDIC cloning run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+IMPORTANCE_MODES = ("both", "activation", "impact", "none")
+HOOK_LAYER_KINDS = ("conv", "norm", "linear")
+STATS_GRANULARITIES = ("channel", "neuron")
+IMPACT_SCALES = ("sigma", "rms")
+
+
+@dataclass
+class MedicConfig(TrainingArguments):
+    r"""
+    Configuration of [`MedicCloner`]: every `transformers.TrainingArguments` field plus the MEDIC fields below.
+
+    MEDIC (Xu et al., "MEDIC: Remove Model Backdoors via Importance Driven Cloning", CVPR 2023) trains a freshly
+    initialised copy of the architecture on a small clean data set with cross-entropy plus an importance-weighted
+    loss that matches the (possibly trojaned) teacher's normalised activations where they matter for clean inputs.
+
+    Defaults that differ from `TrainingArguments`, taken from the paper (Appendix D) unless stated:
+
+    - `learning_rate=1e-2` (instead of 5e-5)
+    - `weight_decay=1e-4` (instead of 0.0), applied as *coupled* L2 by Adam (`torch.optim.Adam`), not AdamW
+    - `optim="adam"`-like behaviour: `coupled_weight_decay=True` makes the cloner build `torch.optim.Adam`
+    - `lr_scheduler_type="cosine"` (instead of `"linear"`)
+    - `num_train_epochs=60` (instead of 3)
+    - `per_device_train_batch_size=64` (instead of 8), `per_device_eval_batch_size=256` (instead of 8)
+    - `remove_unused_columns=False` (instead of True): image columns are transformed on the fly
+    - `label_names=["labels"]` (instead of inferred from the forward signature, which timm models lack)
+    - `report_to="none"` (instead of every installed tracker)
+    - `logging_steps=10` (instead of 500), `save_strategy="epoch"`, `save_total_limit=2`
+    - `output_dir="medic-output"`
+    """
+
+    # --- MEDIC ---
+    clone_loss_weight: float = field(
+        default=10.0,
+        metadata={"help": "λ, the weight of the clone loss added to the cross-entropy (paper: 10)."},
+    )
+    temperature: float = field(
+        default=5.0,
+        metadata={
+            "help": "τ in softmax(τ·x) for both importance criteria: larger is sharper; 0 gives uniform weights, "
+            "i.e. plain cloning (paper Fig. 4). Default 5, the authors' published command."
+        },
+    )
+    impact_temperature: float | None = field(
+        default=None,
+        metadata={"help": "τ for the impact criterion only; None uses `temperature` for both."},
+    )
+    importance: str = field(
+        default="both",
+        metadata={
+            "help": "Which importance criteria weight the clone loss: 'both' (sqrt of the product, Eq. 4), "
+            "'activation' (Eq. 2), 'impact' (Eq. 3) or 'none' (uniform weights; paper App. E.6).",
+            "choices": list(IMPORTANCE_MODES),
+        },
+    )
+    impact_scale: str = field(
+        default="sigma",
+        metadata={
+            "help": "How the impact values are scaled before the softmax: 'sigma' (paper: |σ·∂ℓ/∂f|) or 'rms' "
+            "(additionally divided by their RMS per sample and layer, which makes them as sharp as the activation "
+            "term; see docs/method.md for why that is not the default).",
+            "choices": list(IMPACT_SCALES),
+        },
+    )
+    hook_layers: list[str] = field(
+        default_factory=lambda: list(HOOK_LAYER_KINDS),
+        metadata={
+            "help": "Kinds of modules whose outputs are cloned: any of 'conv', 'norm', 'linear' "
+            "(paper App. D: all convolution, normalization and fully-connected layers)."
+        },
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Only clone modules whose qualified name ends with one of these suffixes, or matches this "
+            "regex when a single string is given (PEFT style). None keeps every module of `hook_layers`."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Never clone modules whose name ends with one of these suffixes, or matches this regex."},
+    )
+    stats_granularity: str = field(
+        default="channel",
+        metadata={
+            "help": "'channel': one μ and σ per channel of a layer, shared by all its spatial positions / tokens; "
+            "'neuron': one per output element (the paper's wording).",
+            "choices": list(STATS_GRANULARITIES),
+        },
+    )
+    sigma_floor: float = field(
+        default=1e-2,
+        metadata={
+            "help": "σ is floored at sigma_floor × the layer's mean σ, so a neuron that is (nearly) constant on "
+            "the clean set cannot blow up the normalised clone loss."
+        },
+    )
+    coupled_weight_decay: bool = field(
+        default=True,
+        metadata={
+            "help": "Use torch.optim.Adam with L2 weight decay added to the gradient (the paper's optimizer) on "
+            "every parameter. False falls back to the Trainer's `optim` (AdamW by default)."
+        },
+    )
+    importance_log_file: str | None = field(
+        default="importance_diagnostics.jsonl",
+        metadata={
+            "help": "At each logging step, append per-layer importance diagnostics (effective support of each "
+            "criterion and Σw) as one JSON line to this file in output_dir. None disables it."
+        },
+    )
+
+    # --- TrainingArguments defaults that differ (see the class docstring) ---
+    output_dir: str | None = field(default="medic-output", metadata={"help": "Where checkpoints and the model go."})
+    learning_rate: float = field(default=1e-2, metadata={"help": "Initial learning rate (paper: 1e-2)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay (paper: 1e-4, coupled L2)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "The scheduler type (paper: cosine)."})
+    num_train_epochs: float = field(default=60.0, metadata={"help": "Epochs over the clean set (paper: 60)."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per device (paper: 64)."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size per device."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep image columns: they are transformed on the fly."}
+    )
+    label_names: list[str] | None = field(
+        default_factory=lambda: ["labels"], metadata={"help": "The label key in the batches."}
+    )
+    report_to: None | str | list[str] = field(
+        default="none", metadata={"help": "Trackers to report to ('none', 'all', 'tensorboard', 'wandb', ...)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save checkpoints."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "How many checkpoints to keep."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.importance not in IMPORTANCE_MODES:
+            raise ValueError(f"importance={self.importance!r}: choose one of {IMPORTANCE_MODES}.")
+        if self.impact_scale not in IMPACT_SCALES:
+            raise ValueError(f"impact_scale={self.impact_scale!r}: choose one of {IMPACT_SCALES}.")
+        if self.stats_granularity not in STATS_GRANULARITIES:
+            raise ValueError(f"stats_granularity={self.stats_granularity!r}: choose one of {STATS_GRANULARITIES}.")
+        if isinstance(self.hook_layers, str):
+            self.hook_layers = [kind.strip() for kind in self.hook_layers.split(",") if kind.strip()]
+        unknown = set(self.hook_layers) - set(HOOK_LAYER_KINDS)
+        if unknown or not self.hook_layers:
+            raise ValueError(f"hook_layers={self.hook_layers!r}: use a non-empty subset of {HOOK_LAYER_KINDS}.")
+        if self.temperature < 0 or (self.impact_temperature is not None and self.impact_temperature < 0):
+            raise ValueError("temperature must be >= 0 (0 gives uniform weights, i.e. plain cloning).")
+        if self.clone_loss_weight < 0:
+            raise ValueError("clone_loss_weight must be >= 0.")
+        if self.sigma_floor <= 0:
+            raise ValueError("sigma_floor must be > 0.")
+
+    @property
+    def effective_impact_temperature(self) -> float:
+        return self.temperature if self.impact_temperature is None else self.impact_temperature
