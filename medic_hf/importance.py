@@ -62,10 +62,16 @@ class NeuronStats:
                     dist.all_reduce(t, op=dist.ReduceOp.SUM)
             mean = s / n
             std = (sq / n - mean * mean).clamp_min(0).sqrt()
-            # Floor relative to the layer's scale: a neuron constant on the clean set must not blow up the loss.
-            floor = self.sigma_floor * std.mean().clamp_min(1e-12)
+            layer_scale = std.mean()
+            if layer_scale < 1e-8:
+                # The whole layer is constant on the clean set (e.g. timm's zero-initialised last BN of a block in
+                # an untrained model): there is no scale to normalise by, so compare it in raw units.
+                std = torch.ones_like(std)
+            else:
+                # Floor relative to the layer's scale: a neuron constant on the clean set must not blow up the loss.
+                std = torch.maximum(std, self.sigma_floor * layer_scale)
             self.mean[name] = mean.float()
-            self.std[name] = torch.maximum(std, floor).float()
+            self.std[name] = std.float()
         self.sums, self.sumsq, self.counts = {}, {}, {}
 
     def state_dict(self) -> dict[str, Tensor]:

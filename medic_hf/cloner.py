@@ -1,0 +1,545 @@
+"""`MedicCloner`: a `transformers.Trainer` that trains a fresh student to clone a trojaned teacher (MEDIC)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+from transformers import Trainer, default_data_collator, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from .config import MedicConfig
+from .data import build_transform, find_columns, prepare_dataset, resolve_preprocessing
+from .hub import build_model_card, push_folder_to_hub
+from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
+from .modeling import disable_dropout, forward_logits, load_model, make_student, model_family, num_classes, save_native
+from .neurons import NeuronRecorder, channel_dim, find_clone_modules
+
+STATS_FILE = "medic_stats.safetensors"
+STATE_FILE = "medic_state.json"
+
+
+def accuracy_metrics(eval_pred) -> dict[str, float]:
+    """Top-1 accuracy; on a backdoor set (triggered images labelled with the target) this is the ASR."""
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+
+
+class MedicCloner(Trainer):
+    r"""
+    Removes a backdoor by importance-driven cloning (MEDIC, CVPR 2023).
+
+    `model` is the (possibly trojaned) teacher: an `nn.Module` (timm, transformers or plain PyTorch) or a string
+    (a timm model name, an `hf-hub:` id, a transformers model id, or a local folder of either). A student of the
+    same class is created with a fresh random initialisation and trained on `train_dataset` (a small clean set)
+    with cross-entropy plus the importance-weighted clone loss. After `train()`, `cloner.model` is the sanitized
+    student; `save_model()` writes it in its native format with a model card, `push_to_hub()` uploads that folder.
+
+    Args:
+        model: the teacher, or where to load it from. It is never modified and never trained.
+        args: a [`MedicConfig`]; `MedicConfig()` when None.
+        train_dataset: a `datasets.Dataset` or torch dataset of clean samples: rows with `pixel_values` and
+            `labels`, or an image column (`img`/`image`) and a label column (`label`/`labels`), which then get the
+            model's preprocessing plus light augmentation (random crop with padding, horizontal flip).
+        eval_dataset: one data set or a dict such as `{"clean": ds, "backdoor": ds}` (the backdoor set holds
+            triggered images of non-target classes labelled with the target: its accuracy is the ASR).
+        student: optionally, a freshly initialised student of the teacher's architecture.
+        image_processor: a transformers image processor to preprocess image columns (else the timm data config
+            or the model config is used).
+        trust_remote_code: passed to transformers when `model` is a string; off unless you ask.
+        dataset_name: the clean data's name, for the model card.
+        base_model_name: the teacher's name or id, for the model card (default: read from the model).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        args: MedicConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        data_collator: Callable | None = None,
+        processing_class=None,
+        compute_metrics: Callable | None = None,
+        callbacks=None,
+        optimizers=(None, None),
+        *,
+        student: nn.Module | None = None,
+        image_processor=None,
+        trust_remote_code: bool = False,
+        dataset_name: str | None = None,
+        base_model_name: str | None = None,
+        **kwargs,
+    ):
+        args = MedicConfig() if args is None else args
+        if not isinstance(args, MedicConfig):
+            raise TypeError(f"args must be a MedicConfig, got {type(args).__name__}: build it with MedicConfig(...).")
+        set_seed(args.seed)
+        self.base_model_name = base_model_name or (model if isinstance(model, str) else _model_name(model))
+        teacher = load_model(model, trust_remote_code=trust_remote_code) if isinstance(model, str) else model
+        teacher.eval().requires_grad_(False)
+        student = make_student(teacher, seed=args.seed) if student is None else student
+        self.teacher = teacher
+        self.num_classes = num_classes(teacher)
+        self.dataset_name = dataset_name
+        self.image_processor = image_processor
+
+        train_dataset = self._prepare_data(train_dataset, train=True)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._prepare_data(v, train=False) for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = self._prepare_data(eval_dataset, train=False)
+
+        super().__init__(
+            model=student,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=data_collator or default_data_collator,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics or accuracy_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            **kwargs,
+        )
+        # Our loss is a per-batch mean that knows nothing of `num_items_in_batch`.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        # The frozen teacher is placed on the device (and under autocast) but never wrapped for DDP.
+        self.teacher = self.accelerator.prepare_model(self.teacher, evaluation_mode=True)
+
+        self._setup_neurons(teacher, student)
+        self.stats = NeuronStats(self.channel_dims, args.stats_granularity, args.sigma_floor)
+        self.metrics_before: dict[str, float] = {}
+        self.metrics_after: dict[str, float] = {}
+        self._running = {"ce": [], "clone": []}
+        self._diagnostics: dict[str, dict[str, float]] | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _prepare_data(self, dataset, *, train: bool):
+        """Image columns get the model's preprocessing; `pixel_values`/`labels` rows are used as they are."""
+        if dataset is None:
+            return None
+        image_column = label_column = None
+        if isinstance(dataset, datasets.Dataset):
+            image_column, label_column = find_columns(dataset)
+            self._check_class_count(dataset, label_column)
+        transform = None
+        if image_column != "pixel_values":
+            try:
+                transform = build_transform(resolve_preprocessing(self.teacher, self.image_processor), train=train)
+            except ValueError:
+                if image_column is not None:
+                    raise
+                # A torch data set of ready tensors needs no preprocessing; PIL items then raise a clear error.
+        return prepare_dataset(
+            dataset,
+            transform=transform,
+            num_classes=self.num_classes,
+            image_column=image_column,
+            label_column=label_column,
+        )
+
+    def _check_class_count(self, dataset: datasets.Dataset, label_column: str) -> None:
+        feature = dataset.features.get(label_column)
+        if isinstance(feature, datasets.ClassLabel) and self.num_classes and feature.num_classes != self.num_classes:
+            raise ValueError(
+                f"The data set has {feature.num_classes} classes but the model has {self.num_classes} outputs: "
+                "clone with the data set the model was trained for, or remap the labels to the model's classes."
+            )
+
+    def _setup_neurons(self, teacher: nn.Module, student: nn.Module) -> None:
+        """Pair the teacher's and the student's cloned modules by name, hook them, and check them once."""
+        args = self.args
+        select = dict(kinds=args.hook_layers, target_modules=args.target_modules, exclude_modules=args.exclude_modules)
+        teacher_modules = find_clone_modules(teacher, **select)
+        student_modules = find_clone_modules(student, **select)
+        if not teacher_modules:
+            raise ValueError(
+                f"No {'/'.join(args.hook_layers)} module to clone in {type(teacher).__name__}: check hook_layers, "
+                "target_modules and exclude_modules, or use importance='none' with a model that has such layers."
+            )
+        if list(teacher_modules) != list(student_modules):
+            missing = sorted(set(teacher_modules) ^ set(student_modules))[:5]
+            raise ValueError(
+                f"Teacher and student modules do not match (e.g. {missing}): the student must have the teacher's "
+                "architecture; leave `student=None` to let the cloner create it."
+            )
+        need_grad = args.importance in ("both", "impact") and args.effective_impact_temperature > 0
+        self.needs_teacher_grad = need_grad
+        self.teacher_recorder = NeuronRecorder(teacher_modules, require_grad=need_grad)
+        self.student_recorder = NeuronRecorder(student_modules)
+        self.student_recorder.set_enabled(False)
+        self.channel_dims = {name: channel_dim(module) for name, module in teacher_modules.items()}
+        self._probe_neurons()
+
+    def _probe_neurons(self) -> None:
+        """One forward of both models on a real batch: find in-place overwrites, silent modules, shape mismatches."""
+        dataset = self.train_dataset if self.train_dataset is not None else None
+        if dataset is None:
+            raise ValueError("MedicCloner needs a train_dataset (the clean samples to clone on).")
+        batch = self.data_collator([dataset[i] for i in range(min(2, len(dataset)))])
+        device = self.args.device
+        pixel_values = batch["pixel_values"].to(device)
+        student = self.model
+        was_training = student.training
+        student.eval()
+        self.student_recorder.set_enabled(True)
+        teacher_silent = self.teacher_recorder.probe(lambda: forward_logits(self.teacher, pixel_values))
+        teacher_shapes = {n: tuple(s) for n, s in self.teacher_recorder.last_shapes.items()}
+        student_silent = self.student_recorder.probe(lambda: forward_logits(student, pixel_values))
+        student_shapes = {n: tuple(s) for n, s in self.student_recorder.last_shapes.items()}
+        self.student_recorder.set_enabled(False)
+        student.train(was_training)
+        if teacher_shapes != student_shapes:
+            diff = [n for n in teacher_shapes if teacher_shapes[n] != student_shapes.get(n)][:5]
+            raise ValueError(
+                f"Teacher and student outputs do not match at {diff}: the student must be an untrained copy of the "
+                "teacher's architecture; leave `student=None`."
+            )
+        silent = sorted(set(teacher_silent) | set(student_silent))
+        if silent:
+            # e.g. nn.MultiheadAttention's out_proj, whose weights are used without calling the module.
+            self.teacher_recorder.drop(silent)
+            self.student_recorder.drop(silent)
+            for name in silent:
+                self.channel_dims.pop(name, None)
+        if not self.teacher_recorder.modules:
+            raise ValueError("None of the selected modules is called in the forward pass: nothing to clone.")
+        self.neuron_counts = {n: math.prod(s[1:]) for n, s in teacher_shapes.items() if n not in silent}
+
+    # ------------------------------------------------------------------ statistics
+
+    @torch.no_grad()
+    def compute_statistics(self) -> NeuronStats:
+        """μ and σ of every teacher neuron over the clean training set, one streaming pass, reduced across ranks.
+
+        Each process reads a strided shard of the data set (no padding, no duplicates), so the totals are those
+        of the whole set whatever the number of processes.
+        """
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        shard = Subset(self.train_dataset, range(rank, len(self.train_dataset), world))
+        loader = DataLoader(
+            shard,
+            batch_size=self.args.per_device_eval_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        stats = NeuronStats(self.channel_dims, self.args.stats_granularity, self.args.sigma_floor)
+        bar = tqdm(loader, desc="MEDIC statistics", disable=not self.is_local_process_zero() or self.args.disable_tqdm)
+        for batch in bar:
+            forward_logits(self.teacher, batch["pixel_values"].to(self.args.device))
+            stats.update(self.teacher_recorder.pop())
+        stats.finalize()
+        return stats
+
+    # ------------------------------------------------------------------ the loss
+
+    def _teacher_targets(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict[str, tuple]:
+        """Teacher activations (fp32, detached) and their importance weights, one forward + one autograd.grad."""
+        args = self.args
+        with torch.enable_grad() if self.needs_teacher_grad else torch.no_grad():
+            logits = forward_logits(self.teacher, pixel_values)
+            activations = self.teacher_recorder.pop()
+            grads = [None] * len(activations)
+            if self.needs_teacher_grad:
+                # Per-sample, sum-reduced: a sample's gradient does not depend on the batch size (Eq. 3).
+                loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+                grads = torch.autograd.grad(loss, list(activations.values()), allow_unused=True)
+        log_now = self._is_logging_step()
+        diagnostics = {} if log_now else None
+        targets = {}
+        with torch.no_grad():
+            for (name, f), g in zip(activations.items(), grads):
+                f = f.detach().float()
+                if self.needs_teacher_grad:
+                    g = torch.zeros_like(f) if g is None else g.float()
+                mean, std = self.stats.mean[name], self.stats.std[name]
+                w, parts = importance_weights(
+                    f,
+                    g,
+                    mean,
+                    std,
+                    mode=args.importance if (args.importance != "impact" or g is not None) else "none",
+                    temperature=args.temperature,
+                    impact_temperature=args.impact_temperature,
+                    impact_scale=args.impact_scale,
+                )
+                targets[name] = (f, w)
+                if diagnostics is not None:
+                    diagnostics[name] = {f"support_{k}": effective_support(v).mean().item() for k, v in parts.items()}
+                    diagnostics[name]["sum_w"] = w.sum(dim=1).mean().item()
+        if diagnostics is not None:
+            self._diagnostics = diagnostics
+        return targets
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """L = CE(student(x), y) + λ · mean over the batch of Σ_layers Σ_i w_i ((f*_i − f^c_i)/σ_i)²."""
+        pixel_values, labels = inputs["pixel_values"], inputs["labels"]
+        if not model.training:  # evaluation: the student's cross-entropy only
+            logits = forward_logits(model, pixel_values)
+            loss = F.cross_entropy(logits.float(), labels)
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+        targets = self._teacher_targets(pixel_values, labels)
+        self.student_recorder.set_enabled(True)
+        try:
+            logits = forward_logits(model, pixel_values)
+            student_activations = self.student_recorder.pop()
+        finally:
+            self.student_recorder.set_enabled(False)
+        ce = F.cross_entropy(logits.float(), labels)
+        clone = logits.new_zeros(labels.shape[0], dtype=torch.float32)
+        for name, (teacher_f, w) in targets.items():
+            clone = clone + layer_clone_loss(teacher_f, student_activations[name].float(), self.stats.std[name], w)
+        clone = clone.mean()
+        loss = ce + self.args.clone_loss_weight * clone
+        if not torch.isfinite(loss):
+            self._stop_on_non_finite(ce, clone)
+        self._running["ce"].append(ce.detach())
+        self._running["clone"].append(clone.detach())
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _stop_on_non_finite(self, ce: torch.Tensor, clone: torch.Tensor) -> None:
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
+        raise FloatingPointError(
+            f"MEDIC loss is not finite at step {self.state.global_step} (cross-entropy {ce.item()}, clone loss "
+            f"{clone.item()}); training stopped and {kept}. Lower learning_rate or clone_loss_weight, or raise "
+            "sigma_floor, then resume with resume_from_checkpoint."
+        )
+
+    def _is_logging_step(self) -> bool:
+        steps = self.args.logging_steps
+        if not steps or steps < 1:
+            return False
+        return (self.state.global_step + 1) % int(steps) == 0 or self.state.global_step == 0
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean cross-entropy and clone loss since the last log, and importance diagnostics."""
+        if "loss" in logs and self._running["ce"]:
+            ce = self.accelerator.reduce(torch.stack(self._running["ce"]).mean(), reduction="mean")
+            clone = self.accelerator.reduce(torch.stack(self._running["clone"]).mean(), reduction="mean")
+            logs["ce_loss"] = round(ce.item(), 4)
+            logs["clone_loss"] = round(clone.item(), 4)
+            self._running = {"ce": [], "clone": []}
+            if self._diagnostics:
+                logs.update(_summarise(self._diagnostics))
+                self._write_diagnostics(self._diagnostics)
+                self._diagnostics = None
+        super().log(logs, start_time)
+
+    def _write_diagnostics(self, diagnostics: dict[str, dict[str, float]]) -> None:
+        if not self.args.importance_log_file or not self.is_world_process_zero():
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        line = {"step": self.state.global_step, "layers": diagnostics}
+        with open(os.path.join(self.args.output_dir, self.args.importance_log_file), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    # ------------------------------------------------------------------ optimiser
+
+    def create_optimizer(self, model=None):
+        """The paper's Adam with coupled L2 weight decay on every parameter (unless coupled_weight_decay=False)."""
+        if self.optimizer is None and self.args.coupled_weight_decay:
+            params = [p for p in (model or self.model).parameters() if p.requires_grad]
+            self.optimizer = torch.optim.Adam(
+                params,
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+                weight_decay=self.args.weight_decay,
+            )
+            return self.optimizer
+        return super().create_optimizer(model)
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """Estimates (or, on resume, reloads) the neuron statistics, then trains the student."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
+        self._load_or_compute_state(resume_from_checkpoint)
+        restore_dropout = disable_dropout(self.accelerator.unwrap_model(self.model))
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            restore_dropout()
+        if self.eval_dataset is not None:
+            self.metrics_after = _strip_prefix(self.evaluate())
+        return output
+
+    def _load_or_compute_state(self, checkpoint: str | None) -> None:
+        stats_file = os.path.join(checkpoint, STATS_FILE) if checkpoint else None
+        if stats_file and os.path.isfile(stats_file):
+            self.stats.load_state_dict(load_file(stats_file))
+            state_file = os.path.join(checkpoint, STATE_FILE)
+            if os.path.isfile(state_file):
+                self.metrics_before = json.loads(Path(state_file).read_text()).get("metrics_before", {})
+        else:
+            self.stats = self.compute_statistics()
+            if self.eval_dataset is not None and not self.metrics_before:
+                self.metrics_before = self.evaluate_teacher()
+        self.stats.to(self.args.device)
+
+    @torch.no_grad()
+    def evaluate_teacher(self) -> dict[str, float]:
+        """Accuracy of the teacher on each eval set, reported as `<name>_accuracy` (the 'before' metrics)."""
+        datasets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+        self.teacher_recorder.set_enabled(False)
+        metrics = {}
+        try:
+            for name, dataset in datasets.items():
+                correct, total = torch.zeros((), device=self.args.device), torch.zeros((), device=self.args.device)
+                for batch in self.get_eval_dataloader(dataset):
+                    logits = forward_logits(self.teacher, batch["pixel_values"])
+                    preds, labels = self.accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+                    correct += (preds == labels).sum()
+                    total += labels.numel()
+                metrics[metric_name(name)] = (correct / total).item()
+        finally:
+            self.teacher_recorder.set_enabled(True)
+        return metrics
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        save_file(self.stats.state_dict(), os.path.join(folder, STATS_FILE))
+        Path(folder, STATE_FILE).write_text(json.dumps({"metrics_before": self.metrics_before}, indent=2))
+
+    # ------------------------------------------------------------------ saving and the Hub
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Writes the student in its native format (timm / transformers / safetensors) and a model card."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_native(self.accelerator.unwrap_model(self.model), output_dir)
+        self.create_model_card(output_dir=output_dir)
+
+    def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
+        """README.md built with huggingface_hub.ModelCard: method, base model, data, hyperparameters, metrics."""
+        if not self.is_world_process_zero():
+            return
+        output_dir = output_dir or self.args.output_dir
+        student = self.accelerator.unwrap_model(self.model)
+        family = model_family(student)
+        card = build_model_card(
+            base_model=self.base_model_name,
+            family=family,
+            dataset=self.dataset_name,
+            clean_samples=len(self.train_dataset) if self.train_dataset is not None else None,
+            hyperparameters=self.hyperparameters(),
+            metrics_before=self.metrics_before or None,
+            metrics_after=self.metrics_after or None,
+            library_name={"timm": "timm", "transformers": "transformers"}.get(family, "pytorch"),
+        )
+        card.save(os.path.join(output_dir, "README.md"))
+
+    def hyperparameters(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "clone_loss_weight (λ)": a.clone_loss_weight,
+            "temperature (τ)": a.temperature,
+            "impact_temperature": a.effective_impact_temperature,
+            "importance": a.importance,
+            "impact_scale": a.impact_scale,
+            "hook_layers": ",".join(a.hook_layers),
+            "cloned_modules": len(self.teacher_recorder.modules),
+            "stats_granularity": a.stats_granularity,
+            "sigma_floor": a.sigma_floor,
+            "optimizer": "Adam (coupled L2)" if a.coupled_weight_decay else a.optim,
+            "learning_rate": a.learning_rate,
+            "weight_decay": a.weight_decay,
+            "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
+            "num_train_epochs": a.num_train_epochs,
+            "batch_size": a.per_device_train_batch_size * max(1, a.world_size),
+            "seed": a.seed,
+        }
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """The repository is created when the model is pushed, so a run can start without network access."""
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Checkpoints stay local: only the final sanitized model is pushed, by `push_to_hub()`."""
+
+    def push_to_hub(self, commit_message: str | None = "Upload MEDIC-sanitized model", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, **kwargs) -> str | None:
+        """Saves the student and its card to `output_dir`, then uploads that folder to `hub_model_id`.
+
+        A failed upload raises and leaves the local folder intact.
+        """
+        self.save_model(self.args.output_dir)
+        if not self.is_world_process_zero():
+            return None
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        return push_folder_to_hub(
+            self.args.output_dir,
+            repo_id,
+            token=token or self.args.hub_token,
+            private=self.args.hub_private_repo,
+            commit_message=commit_message or "Upload MEDIC-sanitized model",
+            revision=revision,
+        )
+
+    def remove_hooks(self) -> None:
+        """Takes every MEDIC hook off both models (they are also removed when the cloner is garbage-collected)."""
+        self.teacher_recorder.remove()
+        self.student_recorder.remove()
+
+    def __del__(self):
+        for recorder in ("teacher_recorder", "student_recorder"):
+            if hasattr(self, recorder):
+                getattr(self, recorder).remove()
+
+
+def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Layer means of the per-layer diagnostics, for the progress bar and trackers."""
+    keys = sorted({k for layer in diagnostics.values() for k in layer})
+    return {
+        f"importance/{k}": round(float(np.mean([layer[k] for layer in diagnostics.values() if k in layer])), 5)
+        for k in keys
+    }
+
+
+def metric_name(eval_set: str) -> str:
+    """The accuracy on the 'backdoor' set (triggered non-target images labelled with the target) is the ASR."""
+    if eval_set == "backdoor":
+        return "attack_success_rate"
+    return "accuracy" if eval_set == "eval" else f"{eval_set}_accuracy"
+
+
+def _strip_prefix(metrics: dict[str, float]) -> dict[str, float]:
+    """{"eval_clean_accuracy": a, "eval_backdoor_accuracy": b} -> {"clean_accuracy": a, "attack_success_rate": b}."""
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith("eval_") and key.endswith("accuracy"):
+            out[metric_name(key.removeprefix("eval_").removesuffix("accuracy").rstrip("_") or "eval")] = value
+    return out
+
+
+def _model_name(model: nn.Module) -> str | None:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("hf_hub_id"):
+        return cfg["hf_hub_id"]
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None)
+    return name or cfg.get("architecture") or type(model).__name__

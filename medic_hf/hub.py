@@ -1,0 +1,190 @@
+"""Hugging Face Hub I/O: model cards for MEDIC-sanitized models and pushing saved folders to the Hub."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import constants as hf_constants
+
+__all__ = ["build_model_card", "push_folder_to_hub"]
+
+_LIBRARY_NAMES = {"timm": "timm", "transformers": "transformers", "torch": "pytorch"}
+_FAMILY_NAMES = {"timm": "a timm model", "transformers": "a transformers model", "torch": "a plain PyTorch model"}
+# "org/name" ids only: single names are ambiguous with timm model names and local folders.
+_REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_METRIC_LABELS = {
+    "clean_accuracy": "Clean accuracy",
+    "accuracy": "Clean accuracy",
+    "attack_success_rate": "Attack success rate (ASR)",
+    "asr": "Attack success rate (ASR)",
+}
+_REPO_PLACEHOLDER = "<namespace>/<repo-name>"
+
+
+def _hub_repo_id(name: str | None) -> str | None:
+    """Return ``name`` as a Hub repo id (dropping timm's ``hf-hub:`` prefix) if it looks like one, else None."""
+    if not name:
+        return None
+    name = name.removeprefix("hf-hub:").split("@", 1)[0]
+    if _REPO_ID_PATTERN.match(name) and not Path(name).exists():
+        return name
+    return None
+
+
+def _format_value(value: Any) -> str:
+    """Render a value for a Markdown table cell."""
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(_format_value(v) for v in value)
+    else:
+        text = str(value)
+    # A pipe would end the table cell early.
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _metric_rows(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[tuple[str, str, str]]:
+    """Rows ``(label, before, after)`` for every metric given before or after cloning, in first-seen order."""
+    before, after = before or {}, after or {}
+    names = list(dict.fromkeys([*before, *after]))
+    return [
+        (
+            _METRIC_LABELS.get(name, name.replace("_", " ").capitalize()),
+            _format_value(before[name]) if name in before else "—",
+            _format_value(after[name]) if name in after else "—",
+        )
+        for name in names
+    ]
+
+
+def _usage_snippet(family: str, repo_id: str) -> str:
+    """Python code that loads the uploaded model, for the card's "How to use" section."""
+    if family == "timm":
+        return f'import timm\n\nmodel = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()'
+    if family == "transformers":
+        return (
+            "from transformers import AutoModelForImageClassification\n\n"
+            f'model = AutoModelForImageClassification.from_pretrained("{repo_id}").eval()'
+        )
+    return (
+        "from huggingface_hub import hf_hub_download\n"
+        "from safetensors.torch import load_model\n\n"
+        "model = MyModel()  # build the base model's architecture (see medic_model.json for its class)\n"
+        f'load_model(model, hf_hub_download("{repo_id}", "model.safetensors"))\n'
+        "model.eval()"
+    )
+
+
+def _code_or_link(name: str, repo_id: str | None, repo_type: str = "") -> str:
+    if repo_id is None:
+        return f"`{name}`"
+    return f"[`{repo_id}`]({hf_constants.ENDPOINT}/{repo_type}{repo_id})"
+
+
+def build_model_card(
+    *,
+    base_model: str | None,
+    family: str,
+    dataset: str | None,
+    clean_samples: int | None,
+    hyperparameters: Mapping[str, Any],
+    metrics_before: Mapping[str, Any] | None,
+    metrics_after: Mapping[str, Any] | None,
+    library_name: str | None = None,
+    extra: str | None = None,
+    repo_id: str | None = None,
+) -> ModelCard:
+    """Build the model card (README.md) of a MEDIC-sanitized model.
+
+    Args:
+        base_model: the teacher: a Hub id, timm name or local path (None if it was passed as an nn.Module).
+            Only Hub ids go into the card's ``base_model`` metadata, which the Hub validates.
+        family: ``"timm"``, ``"transformers"`` or ``"torch"`` (see ``medic_hf.modeling.model_family``).
+        dataset: the clean data used for cloning (a Hub dataset id goes into the ``datasets`` metadata).
+        clean_samples: number of clean images used.
+        hyperparameters: cloning hyperparameters, shown as a table.
+        metrics_before / metrics_after: metrics of the teacher and of the sanitized model, e.g.
+            ``{"clean_accuracy": 0.93, "attack_success_rate": 0.99}``; either or both may be None.
+        library_name: Hub library tag; defaults from ``family`` (timm, transformers, pytorch).
+        extra: Markdown appended in an "Additional information" section.
+        repo_id: the repo the card is for, used in the loading snippet (a placeholder when None).
+    """
+    library_name = library_name or _LIBRARY_NAMES.get(family, "pytorch")
+    base_repo_id = _hub_repo_id(base_model)
+    dataset_repo_id = _hub_repo_id(dataset)
+    card_data = ModelCardData(
+        library_name=library_name,
+        tags=["medic", "backdoor-removal", "image-classification", family],
+        pipeline_tag="image-classification",
+        base_model=base_repo_id,
+        datasets=[dataset_repo_id] if dataset_repo_id else None,
+    )
+    family_name = _FAMILY_NAMES.get(family, family)
+    if base_model:
+        teacher_name = base_model.removeprefix("hf-hub:")
+        title = f"MEDIC-sanitized {teacher_name.rstrip('/').split('/')[-1]}"
+        teacher_markdown = _code_or_link(teacher_name, base_repo_id)
+    else:
+        title = "MEDIC-sanitized model"
+        teacher_markdown = f"a user-provided image classifier ({family_name})"
+    template_path = resources.files("medic_hf") / "templates" / "model_card.md"
+    with resources.as_file(template_path) as path:
+        return ModelCard.from_template(
+            card_data=card_data,
+            template_path=str(path),
+            title=title,
+            family_name=family_name,
+            teacher_markdown=teacher_markdown,
+            dataset_markdown=_code_or_link(dataset, dataset_repo_id, "datasets/") if dataset else None,
+            clean_samples=clean_samples,
+            hyperparameter_rows=[(_format_value(k), _format_value(v)) for k, v in hyperparameters.items()],
+            metric_rows=_metric_rows(metrics_before, metrics_after),
+            usage_snippet=_usage_snippet(family, repo_id or _REPO_PLACEHOLDER),
+            extra=extra,
+        )
+
+
+def push_folder_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload MEDIC-sanitized model",
+    revision: str | None = None,
+) -> str:
+    """Upload a saved model folder to a Hub model repo (created if needed) and return the repo URL.
+
+    The folder is only read. On any failure a ``RuntimeError`` explains that the local copy is intact and how to
+    retry, so hours of cloning are never lost to a network or permission problem.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Cannot push {folder}: it is not a folder.")
+    try:
+        api = HfApi(token=token)
+        repo_url = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
+        # create_repo resolves an implicit namespace ("name" -> "user/name").
+        resolved_id = getattr(repo_url, "repo_id", None)
+        resolved_id = resolved_id if isinstance(resolved_id, str) else repo_id
+        if revision is not None:
+            api.create_branch(resolved_id, branch=revision, exist_ok=True)
+        api.upload_folder(
+            repo_id=resolved_id,
+            folder_path=str(folder),
+            commit_message=commit_message,
+            revision=revision,
+            repo_type="model",
+        )
+    except Exception as exc:
+        raise RuntimeError(
+            f"Pushing {folder} to the Hub repo {repo_id!r} failed: {str(exc).rstrip('.')}. "
+            f"The local folder is intact at {folder.resolve()}. To retry, log in with `hf auth login` (or "
+            f"`huggingface-cli login`, or pass token=...) and run `hf upload {repo_id} {folder.resolve()}`."
+        ) from exc
+    return str(repo_url) if isinstance(repo_url, str) else f"{hf_constants.ENDPOINT}/{resolved_id}"

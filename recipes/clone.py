@@ -1,0 +1,140 @@
+"""Remove a backdoor from an image classifier with MEDIC (importance-driven cloning).
+
+A class-balanced, seeded draw of `--clean_fraction` of the training split is the clean set. When the model folder
+holds an `attack.json` (written by recipes/poison.py), the triggered test view is evaluated too and the attack
+success rate (ASR) is reported before and after cloning. Results go to `<output_dir>/results.json`, a Markdown table
+`results.md`, and the sanitized model (native format + model card) to `output_dir`.
+
+    # the embedded demo: the shipped trojaned model and clean slice, on CPU
+    python recipes/clone.py --config recipes/demo.yaml
+
+    # a trojaned model made by recipes/poison.py, 5% of CIFAR-10 from a local copy, the paper's settings
+    accelerate launch recipes/clone.py --model_name_or_path runs/resnet18-badnets \
+        --dataset_name ../shared/data/cifar10 --config recipes/clone_cifar10.yaml --output_dir runs/medic-badnets
+
+    # several GPUs, then push the sanitized model and its card to the Hub
+    accelerate launch --config_file recipes/accelerate_multi_gpu.yaml recipes/clone.py \
+        --model_name_or_path your-org/suspicious-vit --dataset_name uoft-cs/cifar10 \
+        --push_to_hub --hub_model_id your-org/suspicious-vit-medic
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medic_hf import MedicCloner, MedicConfig
+from medic_hf.attacks import ATTACK_FILE, load_attack
+from medic_hf.cli import parse_args
+from medic_hf.data import load_image_dataset, subset_from_args
+from medic_hf.modeling import load_model
+from transformers.trainer_utils import get_last_checkpoint
+
+
+@dataclass
+class CloneArguments:
+    model_name_or_path: str = field(
+        default=None,
+        metadata={"help": "The trojaned model: a local folder (timm or transformers), a timm name, or a Hub id."},
+    )
+    dataset_name: str = field(
+        default=None, metadata={"help": "A Hub data set id or a local folder of parquet files or images."}
+    )
+    clean_fraction: float = field(default=0.05, metadata={"help": "Fraction of the train split used as clean data."})
+    clean_samples: int | None = field(default=None, metadata={"help": "Number of clean rows (wins over fraction)."})
+    data_seed_clean: int = field(default=0, metadata={"help": "Seed of the class-balanced clean draw."})
+    train_split: str = field(default="train", metadata={"help": "Split the clean set is drawn from."})
+    test_split: str | None = field(default="test", metadata={"help": "Split to evaluate on (None: no evaluation)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N test rows only."})
+    attack_file: str | None = field(
+        default=None,
+        metadata={"help": "attack.json describing the trigger, to measure ASR; default: the model folder's one."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+
+def backdoor_view(script_args: CloneArguments, test):
+    """The triggered, non-target test images when an attack description is available, else None."""
+    attack_file = script_args.attack_file
+    if attack_file is None and Path(script_args.model_name_or_path, ATTACK_FILE).is_file():
+        attack_file = str(Path(script_args.model_name_or_path, ATTACK_FILE))
+    if attack_file is None:
+        return None, None
+    attack = load_attack(Path(attack_file).parent if Path(attack_file).is_file() else attack_file)
+    return attack, attack.backdoor_test_view(test)
+
+
+def results_table(before: dict, after: dict) -> str:
+    rows = ["| metric | before (trojaned) | after (MEDIC) |", "|---|---|---|"]
+    names = {"clean_accuracy": "clean accuracy", "attack_success_rate": "attack success rate"}
+    for key, label in names.items():
+        if key in before or key in after:
+            fmt = lambda d: f"{100 * d[key]:.2f}%" if key in d else "-"  # noqa: E731
+            rows.append(f"| {label} | {fmt(before)} | {fmt(after)} |")
+    return "\n".join(rows)
+
+
+def main(args: list[str] | None = None) -> dict:
+    script_args, config = parse_args((CloneArguments, MedicConfig), args)
+    if not script_args.model_name_or_path or not script_args.dataset_name:
+        raise SystemExit("--model_name_or_path and --dataset_name are required (or set them in --config).")
+    data = load_image_dataset(script_args.dataset_name)
+    clean = subset_from_args(
+        data,
+        split=script_args.train_split,
+        fraction=script_args.clean_fraction,
+        num_samples=script_args.clean_samples,
+        seed=script_args.data_seed_clean,
+    )
+    eval_sets = {}
+    if script_args.test_split:
+        test = data[script_args.test_split]
+        if script_args.max_eval_samples:
+            test = test.select(range(min(script_args.max_eval_samples, len(test))))
+        eval_sets["clean"] = test
+        attack, backdoor = backdoor_view(script_args, test)
+        if backdoor is not None:
+            eval_sets["backdoor"] = backdoor
+
+    teacher = load_model(script_args.model_name_or_path, trust_remote_code=script_args.trust_remote_code)
+    cloner = MedicCloner(
+        teacher,
+        config,
+        train_dataset=clean,
+        eval_dataset=eval_sets or None,
+        dataset_name=script_args.dataset_name,
+        base_model_name=script_args.model_name_or_path,
+    )
+    checkpoint = config.resume_from_checkpoint
+    if checkpoint is None and Path(config.output_dir).is_dir():
+        checkpoint = get_last_checkpoint(config.output_dir)  # a killed run continues where it stopped
+    cloner.train(resume_from_checkpoint=checkpoint)
+    cloner.save_model()
+
+    results = {
+        "model": script_args.model_name_or_path,
+        "dataset": script_args.dataset_name,
+        "clean_samples": len(clean),
+        "before": cloner.metrics_before,
+        "after": cloner.metrics_after,
+        "history": [
+            {k: v for k, v in log.items() if k.startswith("eval_") and k.endswith("accuracy") or k == "epoch"}
+            for log in cloner.state.log_history
+            if any(k.endswith("accuracy") for k in log)
+        ],
+        "hyperparameters": cloner.hyperparameters(),
+    }
+    if cloner.is_world_process_zero():
+        out = Path(config.output_dir)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        table = results_table(cloner.metrics_before, cloner.metrics_after)
+        (out / "results.md").write_text(table + "\n")
+        print(table)
+    if config.push_to_hub:
+        cloner.push_to_hub()
+    return results
+
+
+if __name__ == "__main__":
+    main()

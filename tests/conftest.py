@@ -1,0 +1,51 @@
+import os
+
+# Tests never reach the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pixel_dataset(n: int = 16, num_classes: int = 10, size: int = 32, seed: int = 0) -> datasets.Dataset:
+    """A data set of ready `pixel_values` / `labels` rows (no preprocessing), torch-formatted."""
+    rng = np.random.default_rng(seed)
+    ds = datasets.Dataset.from_dict(
+        {
+            "pixel_values": rng.standard_normal((n, 3, size, size)).astype(np.float32),
+            "labels": (np.arange(n) % num_classes).astype(np.int64),
+        }
+    )
+    return ds.with_format("torch")
+
+
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, ds) -> torch.nn.Module:
+    """Make an untrained model look trained: perturbed weights (so no tensor is still at its constant init) and
+    exact BatchNorm running statistics of the data; returned in eval mode."""
+    for param in model.parameters():
+        param.add_(0.05 * torch.randn_like(param))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one pass gives the exact statistics
+    model.train()
+    pixel_values = ds[: len(ds)]["pixel_values"]
+    if hasattr(model, "config") and hasattr(model.config, "num_labels"):
+        model(pixel_values=pixel_values)
+    else:
+        model(pixel_values)
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_pixels():
+    return pixel_dataset()

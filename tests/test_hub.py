@@ -1,0 +1,201 @@
+"""Tests for medic_hf.hub: model cards and pushing folders (HfApi is mocked; the Hub is never contacted)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hub is never reachable in tests
+
+from pathlib import Path
+from unittest import mock
+
+import huggingface_hub
+import pytest
+from huggingface_hub import ModelCard, RepoUrl
+
+from medic_hf.hub import build_model_card, push_folder_to_hub
+
+HYPERPARAMETERS = {"epochs": 20, "learning_rate": 0.01, "importance": "grad-x-act", "betas": (0.9, 0.999)}
+BEFORE = {"clean_accuracy": 0.9312, "attack_success_rate": 0.998}
+AFTER = {"clean_accuracy": 0.9107, "attack_success_rate": 0.0213}
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def full_card(**overrides) -> ModelCard:
+    args = dict(
+        base_model="some-org/trojaned-resnet18",
+        family="timm",
+        dataset="uoft-cs/cifar10",
+        clean_samples=2500,
+        hyperparameters=HYPERPARAMETERS,
+        metrics_before=BEFORE,
+        metrics_after=AFTER,
+    )
+    return build_model_card(**{**args, **overrides})
+
+
+def test_model_card_contents():
+    card = full_card(repo_id="me/sanitized-resnet18", extra="Trigger: 3x3 white patch.")
+    text = card.text
+
+    assert text.lstrip().startswith("# MEDIC-sanitized trojaned-resnet18")
+    assert "importance-driven cloning" in text
+    assert "MEDIC: Remove Model Backdoors via Importance Driven Cloning" in text
+    assert "Qiuling Xu, Guanhong Tao, Jean Honorio, Yingqi Liu, Shengwei An, Guangyu Shen, Siyuan Cheng" in text
+    assert "Xiangyu Zhang" in text and "CVPR" in text and "2023" in text
+    assert "[`some-org/trojaned-resnet18`](https://huggingface.co/some-org/trojaned-resnet18)" in text
+    assert "uoft-cs/cifar10" in text and "2500" in text
+    # Hyperparameter table
+    assert "| Hyperparameter | Value |" in text
+    assert "| epochs | 20 |" in text
+    assert "| learning_rate | 0.01 |" in text
+    assert "| betas | 0.9, 0.999 |" in text
+    # Before/after metrics table
+    assert "| Metric | Before cloning (teacher) | After cloning (this model) |" in text
+    assert "| Clean accuracy | 0.9312 | 0.9107 |" in text
+    assert "| Attack success rate (ASR) | 0.998 | 0.0213 |" in text
+    # Loading snippet and warning
+    assert 'timm.create_model("hf-hub:me/sanitized-resnet18", pretrained=True)' in text
+    assert "cannot prove that every backdoor is gone" in text
+    assert "Trigger: 3x3 white patch." in text
+
+
+def test_model_card_metadata():
+    data = full_card().data
+    assert data.library_name == "timm"
+    assert data.tags == ["medic", "backdoor-removal", "image-classification", "timm"]
+    assert data.base_model == "some-org/trojaned-resnet18"
+    assert data.datasets == ["uoft-cs/cifar10"]
+    assert data.license is None
+    assert data.pipeline_tag == "image-classification"
+
+
+def test_model_card_renders_without_metrics_or_optional_fields():
+    card = build_model_card(
+        base_model=None,
+        family="torch",
+        dataset=None,
+        clean_samples=None,
+        hyperparameters={},
+        metrics_before=None,
+        metrics_after=None,
+    )
+    text = card.text
+    assert "# MEDIC-sanitized model" in text
+    assert "No evaluation metrics were provided" in text
+    assert "Before cloning" not in text
+    assert "No hyperparameters were recorded." in text
+    assert "not recorded" in text
+    assert "{{" not in text and "{%" not in text
+    assert card.data.library_name == "pytorch"
+    assert card.data.base_model is None and card.data.datasets is None
+    assert 'load_model(model, hf_hub_download("<namespace>/<repo-name>", "model.safetensors"))' in text
+
+
+def test_model_card_with_metrics_only_after_cloning():
+    text = full_card(metrics_before=None, metrics_after={"clean_accuracy": 0.9}).text
+    assert "| Clean accuracy | — | 0.9 |" in text
+
+
+def test_model_card_keeps_local_paths_out_of_metadata(tmp_path):
+    card = full_card(base_model=str(tmp_path / "teacher"), dataset="cifar10")
+    assert card.data.base_model is None  # the Hub only accepts repo ids here
+    assert card.data.datasets is None
+    assert f"`{tmp_path / 'teacher'}`" in card.text
+    assert "`cifar10`" in card.text
+
+
+@pytest.mark.parametrize(
+    ("family", "library", "snippet"),
+    [
+        ("timm", "timm", 'timm.create_model("hf-hub:me/m", pretrained=True)'),
+        ("transformers", "transformers", 'AutoModelForImageClassification.from_pretrained("me/m")'),
+        ("torch", "pytorch", 'hf_hub_download("me/m", "model.safetensors")'),
+    ],
+)
+def test_model_card_family_specific_loading(family, library, snippet):
+    card = full_card(family=family, repo_id="me/m")
+    assert card.data.library_name == library
+    assert family in card.data.tags
+    assert snippet in card.text
+
+
+def test_model_card_saves_and_reloads(tmp_path):
+    full_card().save(tmp_path / "README.md")
+    reloaded = ModelCard.load(tmp_path / "README.md")
+    assert reloaded.data.base_model == "some-org/trojaned-resnet18"
+    assert "| Clean accuracy | 0.9312 | 0.9107 |" in reloaded.text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# push_folder_to_hub
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_folder(tmp_path) -> Path:
+    folder = tmp_path / "sanitized"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architecture": "resnet10t"}')
+    (folder / "model.safetensors").write_bytes(b"\x00weights\x01")
+    (folder / "README.md").write_text("# card\n")
+    return folder
+
+
+def folder_snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_push_folder_to_hub_creates_repo_and_uploads(saved_folder):
+    with mock.patch("medic_hf.hub.HfApi") as hf_api:
+        api = hf_api.return_value
+        api.create_repo.return_value = RepoUrl("https://huggingface.co/me/sanitized")
+        url = push_folder_to_hub(saved_folder, "me/sanitized", token="hf_xxx", private=True)
+
+    hf_api.assert_called_once_with(token="hf_xxx")
+    api.create_repo.assert_called_once_with("me/sanitized", exist_ok=True, private=True, repo_type="model")
+    api.upload_folder.assert_called_once_with(
+        repo_id="me/sanitized",
+        folder_path=str(saved_folder),
+        commit_message="Upload MEDIC-sanitized model",
+        revision=None,
+        repo_type="model",
+    )
+    api.create_branch.assert_not_called()
+    assert url == "https://huggingface.co/me/sanitized"
+
+
+def test_push_folder_to_hub_with_revision_creates_branch(saved_folder):
+    with mock.patch("medic_hf.hub.HfApi") as hf_api:
+        api = hf_api.return_value
+        api.create_repo.return_value = RepoUrl("https://huggingface.co/me/sanitized")
+        push_folder_to_hub(saved_folder, "me/sanitized", revision="medic-v1", commit_message="msg")
+    api.create_branch.assert_called_once_with("me/sanitized", branch="medic-v1", exist_ok=True)
+    assert api.upload_folder.call_args.kwargs["revision"] == "medic-v1"
+    assert api.upload_folder.call_args.kwargs["commit_message"] == "msg"
+
+
+@pytest.mark.parametrize("failing_call", ["create_repo", "upload_folder"])
+def test_push_folder_to_hub_failure_keeps_folder_and_explains_retry(saved_folder, failing_call):
+    before = folder_snapshot(saved_folder)
+    with mock.patch("medic_hf.hub.HfApi") as hf_api:
+        api = hf_api.return_value
+        api.create_repo.return_value = RepoUrl("https://huggingface.co/me/sanitized")
+        getattr(api, failing_call).side_effect = OSError("401 Unauthorized")
+        with pytest.raises(RuntimeError) as excinfo:
+            push_folder_to_hub(saved_folder, "me/sanitized")
+
+    message = str(excinfo.value)
+    assert "failed" in message and "401 Unauthorized" in message
+    assert f"intact at {saved_folder.resolve()}" in message
+    assert "hf auth login" in message and f"hf upload me/sanitized {saved_folder.resolve()}" in message
+    assert folder_snapshot(saved_folder) == before
+
+
+def test_push_folder_to_hub_requires_existing_folder(tmp_path):
+    with mock.patch("medic_hf.hub.HfApi") as hf_api, pytest.raises(FileNotFoundError):
+        push_folder_to_hub(tmp_path / "missing", "me/sanitized")
+    hf_api.assert_not_called()
