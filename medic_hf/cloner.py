@@ -481,8 +481,14 @@ class MedicCloner(Trainer):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Checkpoints stay local: only the final sanitized model is pushed, by `push_to_hub()`."""
 
-    def push_to_hub(self, commit_message: str | None = "Upload MEDIC-sanitized model", blocking: bool = True,
-                    token: str | None = None, revision: str | None = None, **kwargs) -> str | None:
+    def push_to_hub(
+        self,
+        commit_message: str | None = "Upload MEDIC-sanitized model",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs,
+    ) -> str | None:
         """Saves the student and its card to `output_dir`, then uploads that folder to `hub_model_id`.
 
         A failed upload raises and leaves the local folder intact.

@@ -48,6 +48,13 @@ def _format_value(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _format_metric(name: str, value: Any) -> str:
+    """Accuracies and rates given as fractions are shown as percentages."""
+    if isinstance(value, float) and 0.0 <= value <= 1.0 and (name.endswith("accuracy") or name.endswith("rate")):
+        return f"{100 * value:.2f}%"
+    return _format_value(value)
+
+
 def _metric_rows(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[tuple[str, str, str]]:
     """Rows ``(label, before, after)`` for every metric given before or after cloning, in first-seen order."""
     before, after = before or {}, after or {}
@@ -55,8 +62,8 @@ def _metric_rows(before: Mapping[str, Any] | None, after: Mapping[str, Any] | No
     return [
         (
             _METRIC_LABELS.get(name, name.replace("_", " ").capitalize()),
-            _format_value(before[name]) if name in before else "—",
-            _format_value(after[name]) if name in after else "—",
+            _format_metric(name, before[name]) if name in before else "—",
+            _format_metric(name, after[name]) if name in after else "—",
         )
         for name in names
     ]

@@ -431,9 +431,28 @@ def _same_structure(student: nn.Module, teacher: nn.Module) -> bool:
     )
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _copy_without_hooks(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that carries none of its hooks (e.g. another cloner's activation captures)."""
+    saved = {}
+    for module in model.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(module, attr, None)
+            if hooks:
+                saved[(id(module), attr)] = (module, hooks.copy())
+                hooks.clear()
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for (_, attr), (module, hooks) in saved.items():
+            getattr(module, attr).update(hooks)
+
+
 def _reinitialised_copy(teacher: nn.Module, *, use_init_weights: bool) -> nn.Module:
     """Deep-copy ``teacher`` and re-initialise every parameter, refusing parameters nothing resets."""
-    student = copy.deepcopy(teacher)
+    student = _copy_without_hooks(teacher)
     covered = set()
     for module in student.modules():
         reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)

@@ -24,12 +24,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers.trainer_utils import get_last_checkpoint
+
 from medic_hf import MedicCloner, MedicConfig
 from medic_hf.attacks import ATTACK_FILE, load_attack
 from medic_hf.cli import parse_args
 from medic_hf.data import load_image_dataset, subset_from_args
 from medic_hf.modeling import load_model
-from transformers.trainer_utils import get_last_checkpoint
 
 
 @dataclass
@@ -65,13 +66,17 @@ def backdoor_view(script_args: CloneArguments, test):
     return attack, attack.backdoor_test_view(test)
 
 
+def percent(metrics: dict, key: str) -> str:
+    return f"{100 * metrics[key]:.2f}%" if key in metrics else "-"
+
+
 def results_table(before: dict, after: dict) -> str:
+    """A Markdown table of clean accuracy and ASR before and after cloning."""
     rows = ["| metric | before (trojaned) | after (MEDIC) |", "|---|---|---|"]
     names = {"clean_accuracy": "clean accuracy", "attack_success_rate": "attack success rate"}
     for key, label in names.items():
         if key in before or key in after:
-            fmt = lambda d: f"{100 * d[key]:.2f}%" if key in d else "-"  # noqa: E731
-            rows.append(f"| {label} | {fmt(before)} | {fmt(after)} |")
+            rows.append(f"| {label} | {percent(before, key)} | {percent(after, key)} |")
     return "\n".join(rows)
 
 

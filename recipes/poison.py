@@ -143,8 +143,9 @@ def main(args: list[str] | None = None) -> dict:
 
     def prepared(ds, train_mode):
         transform = build_transform(preprocessing, train=train_mode)
-        return prepare_dataset(ds, transform=transform, num_classes=num_classes, image_column=image_column,
-                               label_column=label_column)
+        return prepare_dataset(
+            ds, transform=transform, num_classes=num_classes, image_column=image_column, label_column=label_column
+        )
 
     optimizer = torch.optim.SGD(
         model.parameters(),

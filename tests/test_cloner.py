@@ -1,9 +1,9 @@
 """MedicCloner across architectures (timm, transformers, plain PyTorch): student, hooks, training, saving."""
 
+import pytest
 import torch
 from torch import nn
 
-import pytest
 from medic_hf import MedicCloner, MedicConfig
 from medic_hf.modeling import forward_logits
 from medic_hf.neurons import layer_kind
@@ -132,9 +132,15 @@ def test_plain_cloning_makes_student_activations_approach_the_teacher(tmp_path):
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4)).eval()
     data = pixel_dataset(32, num_classes=4, size=2)
     config = make_config(
-        tmp_path, importance="none", num_train_epochs=300, learning_rate=1e-2, clone_loss_weight=10.0,
-        lr_scheduler_type="constant", weight_decay=0.0,
-        per_device_train_batch_size=32, logging_steps=50,
+        tmp_path,
+        importance="none",
+        num_train_epochs=300,
+        learning_rate=1e-2,
+        clone_loss_weight=10.0,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        per_device_train_batch_size=32,
+        logging_steps=50,
     )
     cloner = MedicCloner(teacher, config, train_dataset=data)
 

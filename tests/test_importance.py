@@ -10,8 +10,8 @@ from medic_hf.importance import (
     NeuronStats,
     activation_weights,
     effective_support,
-    importance_weights,
     impact_weights,
+    importance_weights,
     layer_clone_loss,
 )
 
