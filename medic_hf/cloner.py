@@ -309,8 +309,9 @@ class MedicCloner(Trainer):
         loss = ce + self.args.clone_loss_weight * clone
         if not torch.isfinite(loss):
             self._stop_on_non_finite(ce, clone)
-        self._running["ce"].append(ce.detach())
-        self._running["clone"].append(clone.detach())
+        if self.args.logging_strategy != "no":
+            self._running["ce"].append(ce.detach())
+            self._running["clone"].append(clone.detach())
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def _stop_on_non_finite(self, ce: torch.Tensor, clone: torch.Tensor) -> None:
@@ -324,7 +325,7 @@ class MedicCloner(Trainer):
 
     def _is_logging_step(self) -> bool:
         steps = self.args.logging_steps
-        if not steps or steps < 1:
+        if self.args.logging_strategy != "steps" or not steps or steps < 1:
             return False
         return (self.state.global_step + 1) % int(steps) == 0 or self.state.global_step == 0
 
