@@ -55,8 +55,8 @@ def test_model_card_contents():
     assert "| betas | 0.9, 0.999 |" in text
     # Before/after metrics table
     assert "| Metric | Before cloning (teacher) | After cloning (this model) |" in text
-    assert "| Clean accuracy | 0.9312 | 0.9107 |" in text
-    assert "| Attack success rate (ASR) | 0.998 | 0.0213 |" in text
+    assert "| Clean accuracy | 93.12% | 91.07% |" in text
+    assert "| Attack success rate (ASR) | 99.80% | 2.13% |" in text
     # Loading snippet and warning
     assert 'timm.create_model("hf-hub:me/sanitized-resnet18", pretrained=True)' in text
     assert "cannot prove that every backdoor is gone" in text
@@ -97,7 +97,7 @@ def test_model_card_renders_without_metrics_or_optional_fields():
 
 def test_model_card_with_metrics_only_after_cloning():
     text = full_card(metrics_before=None, metrics_after={"clean_accuracy": 0.9}).text
-    assert "| Clean accuracy | — | 0.9 |" in text
+    assert "| Clean accuracy | — | 90.00% |" in text
 
 
 def test_model_card_keeps_local_paths_out_of_metadata(tmp_path):
@@ -127,7 +127,7 @@ def test_model_card_saves_and_reloads(tmp_path):
     full_card().save(tmp_path / "README.md")
     reloaded = ModelCard.load(tmp_path / "README.md")
     assert reloaded.data.base_model == "some-org/trojaned-resnet18"
-    assert "| Clean accuracy | 0.9312 | 0.9107 |" in reloaded.text
+    assert "| Clean accuracy | 93.12% | 91.07% |" in reloaded.text
 
 
 # --------------------------------------------------------------------------------------------------------------------
