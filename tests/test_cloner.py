@@ -214,3 +214,15 @@ def test_config_defaults_follow_the_paper():
         MedicConfig(output_dir="x", importance="sharp")
     with pytest.raises(ValueError, match="hook_layers"):
         MedicConfig(output_dir="x", hook_layers=["attention"])
+
+
+def test_bf16_autocast_keeps_the_loss_in_fp32(tmp_path):
+    data = pixel_dataset(16)
+    teacher = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
+    cloner = MedicCloner(
+        teacher, make_config(tmp_path, num_train_epochs=1, bf16=True, use_cpu=True), train_dataset=data
+    )
+    cloner.train()
+    losses = [log["loss"] for log in cloner.state.log_history if "loss" in log]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    cloner.remove_hooks()

@@ -111,10 +111,11 @@ class Kill(TrainerCallback):
         raise KeyboardInterrupt("killed")
 
 
-def test_a_killed_run_resumes_and_ends_as_if_never_stopped(tmp_path):
+@pytest.mark.parametrize("factory", [plain_wrn, timm_resnet])
+def test_a_killed_run_resumes_and_ends_as_if_never_stopped(factory, tmp_path):
     torch.manual_seed(1234)
     data = pixel_dataset(24)
-    teacher = calibrate(plain_wrn(), data)
+    teacher = calibrate(factory(), data)
     common = dict(num_train_epochs=2, save_strategy="epoch", logging_steps=1)
 
     reference = MedicCloner(teacher, config(tmp_path / "a", **common), train_dataset=data)

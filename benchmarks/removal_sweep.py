@@ -1,0 +1,118 @@
+"""MEDIC settings on one trojaned model: clean accuracy and ASR before/after, and over training.
+
+Runs `recipes/clone.py` once per setting (skipping settings whose `results.json` exists; a killed run resumes from
+its last checkpoint), then writes a Markdown table and a PNG plot of ASR and clean accuracy against epochs.
+
+    python recipes/poison.py --config recipes/poison_cifar10.yaml --dataset_name ../shared/data/cifar10 \
+        --output_dir runs/resnet18-badnets
+    python benchmarks/removal_sweep.py --model runs/resnet18-badnets --settings defaults tau0
+    python benchmarks/removal_sweep.py --report_only     # table and plot from what has finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> extra recipe flags on top of recipes/clone_cifar10.yaml (the paper's settings)
+SETTINGS = {
+    "defaults": [],
+    "tau0": ["--temperature", "0"],
+    "tau10": ["--temperature", "10"],
+    "no_logits": ["--exclude_modules", "fc"],
+    "neuron_stats": ["--stats_granularity", "neuron"],
+    "activation_only": ["--importance", "activation"],
+    "epochs20": ["--num_train_epochs", "20", "--eval_steps", "200"],
+}
+
+
+def run(name: str, args) -> None:
+    out = Path(args.runs) / name
+    if (out / "results.json").is_file():
+        print(f"{name}: done already")
+        return
+    cmd = [
+        sys.executable, str(ROOT / "recipes" / "clone.py"),
+        "--config", str(ROOT / "recipes" / "clone_cifar10.yaml"),
+        "--model_name_or_path", args.model,
+        "--dataset_name", args.dataset,
+        "--output_dir", str(out),
+        "--disable_tqdm", "true",
+        *SETTINGS[name],
+    ]  # fmt: skip
+    print(" ".join(cmd), flush=True)
+    with open(Path(args.runs) / f"{name}.log", "a") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def report(args) -> None:
+    rows, curves = [], {}
+    for name in SETTINGS:
+        path = Path(args.runs) / name / "results.json"
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        before, after = result["before"], result["after"]
+        flags = " ".join(SETTINGS[name]) or "(recipes/clone_cifar10.yaml as is)"
+        rows.append(
+            f"| {name} | `{flags}` | {100 * before['clean_accuracy']:.2f} → {100 * after['clean_accuracy']:.2f} | "
+            f"{100 * before['attack_success_rate']:.2f} → {100 * after['attack_success_rate']:.2f} |"
+        )
+        points: dict[float, dict] = {}
+        for entry in result["history"]:
+            points.setdefault(entry["epoch"], {}).update(entry)
+        curves[name] = sorted(points.items())
+    table = "\n".join(
+        ["| setting | flags | clean accuracy % (before → after) | ASR % (before → after) |", "|---|---|---|---|"]
+        + rows
+    )
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "removal.md").write_text(table + "\n")
+    print(table)
+    plot(curves, out / "removal.png")
+
+
+def plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_asr, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, points in curves.items():
+        epochs = [e for e, _ in points]
+        ax_asr.plot(epochs, [100 * p.get("eval_backdoor_accuracy", float("nan")) for _, p in points], "o-", label=name)
+        ax_acc.plot(epochs, [100 * p.get("eval_clean_accuracy", float("nan")) for _, p in points], "o-", label=name)
+    ax_asr.set(xlabel="epoch", ylabel="attack success rate (%)", title="ASR during cloning")
+    ax_acc.set(xlabel="epoch", ylabel="clean accuracy (%)", title="Clean accuracy during cloning")
+    ax_asr.axhline(10, color="grey", linestyle="--", linewidth=0.8)
+    ax_asr.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="runs/resnet18-badnets")
+    parser.add_argument("--dataset", default="../shared/data/cifar10")
+    parser.add_argument("--runs", default="runs/removal")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--report_only", action="store_true")
+    args = parser.parse_args()
+    Path(args.runs).mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        for name in args.settings:
+            run(name, args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
