@@ -382,7 +382,16 @@ class MedicCloner(Trainer):
         finally:
             restore_dropout()
         if self.eval_dataset is not None:
-            self.metrics_after = _strip_prefix(self.evaluate())
+            # Reuse an evaluation the Trainer just ran at the final step, else evaluate now.
+            final = {}
+            for log in self.state.log_history:
+                if log.get("step") == self.state.global_step:
+                    final.update(_strip_prefix(log))
+            expected = self.eval_dataset.keys() if isinstance(self.eval_dataset, dict) else ["eval"]
+            if {metric_name(name) for name in expected} <= set(final):
+                self.metrics_after = final
+            else:
+                self.metrics_after = _strip_prefix(self.evaluate())
         return output
 
     def _load_or_compute_state(self, checkpoint: str | None) -> None:
