@@ -28,6 +28,7 @@ SETTINGS = {
     "neuron_stats": ["--stats_granularity", "neuron"],
     "activation_only": ["--importance", "activation"],
     "epochs20": ["--num_train_epochs", "20", "--eval_steps", "200"],
+    "cutoff1": ["--importance_cutoff", "1.0"],
 }
 
 

@@ -277,6 +277,7 @@ class MedicCloner(Trainer):
                     temperature=args.temperature,
                     impact_temperature=args.impact_temperature,
                     impact_scale=args.impact_scale,
+                    cutoff=args.importance_cutoff,
                 )
                 targets[name] = (f, w)
                 if diagnostics is not None:
@@ -472,6 +473,7 @@ class MedicCloner(Trainer):
             "impact_temperature": a.effective_impact_temperature,
             "importance": a.importance,
             "impact_scale": a.impact_scale,
+            "importance_cutoff": a.importance_cutoff,
             "hook_layers": ",".join(a.hook_layers),
             "cloned_modules": len(self.teacher_recorder.modules),
             "stats_granularity": a.stats_granularity,

@@ -69,6 +69,14 @@ class MedicConfig(TrainingArguments):
             "choices": list(IMPACT_SCALES),
         },
     )
+    importance_cutoff: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weights below importance_cutoff / N (N: the layer's neuron count) are set to 0, so a neuron "
+            "less important than that on a sample is not cloned at all for it. 0 keeps the paper's soft weights; "
+            "1 clones only neurons more important than average."
+        },
+    )
     hook_layers: list[str] = field(
         default_factory=lambda: list(HOOK_LAYER_KINDS),
         metadata={
@@ -155,6 +163,8 @@ class MedicConfig(TrainingArguments):
             raise ValueError("temperature must be >= 0 (0 gives uniform weights, i.e. plain cloning).")
         if self.clone_loss_weight < 0:
             raise ValueError("clone_loss_weight must be >= 0.")
+        if self.importance_cutoff < 0:
+            raise ValueError("importance_cutoff must be >= 0.")
         if self.sigma_floor <= 0:
             raise ValueError("sigma_floor must be > 0.")
 

@@ -121,8 +121,13 @@ def importance_weights(
     temperature: float = 5.0,
     impact_temperature: float | None = None,
     impact_scale: str = "sigma",
+    cutoff: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Eq. 4, w = sqrt(w_act · w_imp), or one criterion alone, or uniform. Returns w (B, N) and the parts."""
+    """Eq. 4, w = sqrt(w_act · w_imp), or one criterion alone, or uniform. Returns w (B, N) and the parts.
+
+    With `cutoff` > 0, weights below cutoff / N are set to 0: a neuron less important than that on a sample is not
+    cloned at all for it, instead of being cloned with a small weight.
+    """
     n = f[0].numel()
     tau_imp = temperature if impact_temperature is None else impact_temperature
     parts = {}
@@ -138,6 +143,8 @@ def importance_weights(
         w = f.new_full((f.shape[0], n), 1.0 / n)
     else:
         w = parts[mode]
+    if cutoff > 0:
+        w = torch.where(w >= cutoff / n, w, torch.zeros_like(w))
     return w, parts
 
 

@@ -158,3 +158,14 @@ def test_end_to_end_weights_on_a_tiny_network_match_hand_computation():
     expected = [math.sqrt(a * b) for a, b in zip(act, imp)]
     assert w[0].tolist() == pytest.approx(expected, rel=1e-5)
     assert not layer._forward_hooks
+
+
+def test_cutoff_zeroes_weights_below_the_average():
+    f = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
+    mean, std = torch.zeros(1, 4), torch.ones(1, 4)
+    soft, _ = importance_weights(f, None, mean, std, mode="activation", temperature=1.0)
+    cut, _ = importance_weights(f, None, mean, std, mode="activation", temperature=1.0, cutoff=1.0)
+    # softmax([3, 0, 0, 0]) = [0.87, 0.043, 0.043, 0.043]: only the first is above 1/4
+    assert cut[0].tolist() == pytest.approx([soft[0, 0].item(), 0.0, 0.0, 0.0])
+    uniform, _ = importance_weights(f, None, mean, std, mode="none", cutoff=1.0)
+    assert torch.allclose(uniform, torch.full_like(uniform, 0.25))
