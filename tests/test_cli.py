@@ -1,0 +1,33 @@
+"""`--config file.yaml` gives defaults; the command line overrides them; unknown keys are refused."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from medic_hf import MedicConfig
+from medic_hf.cli import parse_args
+
+
+@dataclass
+class Script:
+    model_name_or_path: str = field(default=None, metadata={"help": "model"})
+    clean_fraction: float = field(default=0.05, metadata={"help": "fraction"})
+
+
+def test_yaml_defaults_and_command_line_override(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model_name_or_path: m\nclean_fraction: 0.1\ntemperature: 7\nhook_layers: [conv, norm]\n")
+    script, medic = parse_args(
+        (Script, MedicConfig), ["--config", str(config), "--temperature", "3", "--output_dir", str(tmp_path)]
+    )
+    assert script.model_name_or_path == "m" and script.clean_fraction == 0.1
+    assert medic.temperature == 3  # the command line wins
+    assert medic.hook_layers == ["conv", "norm"]
+    assert medic.num_train_epochs == 60  # untouched defaults stay the paper's
+
+
+def test_unknown_yaml_key_is_refused(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("temprature: 7\n")
+    with pytest.raises(SystemExit, match="temprature"):
+        parse_args((Script, MedicConfig), ["--config", str(config)])
