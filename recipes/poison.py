@@ -42,6 +42,9 @@ class PoisonArguments:
     poison_rate: float = field(default=0.1, metadata={"help": "Fraction of the training set poisoned."})
     target_class: int = field(default=0, metadata={"help": "The attack's target class."})
     attack_seed: int = field(default=0, metadata={"help": "Seed of the attack's random choices."})
+    attack_kwargs: str | None = field(
+        default=None, metadata={"help": 'Other attack fields as JSON, e.g. \'{"pattern": "white"}\' for BadNets.'}
+    )
     image_size: int = field(default=32, metadata={"help": "Input resolution of the model."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     test_split: str = field(default="test", metadata={"help": "Split to measure clean accuracy and ASR on."})
@@ -126,7 +129,10 @@ def main(args: list[str] | None = None) -> dict:
     num_classes = train.features[label_column].num_classes
 
     attack = ATTACKS[script_args.attack](
-        target_class=script_args.target_class, poison_rate=script_args.poison_rate, seed=script_args.attack_seed
+        target_class=script_args.target_class,
+        poison_rate=script_args.poison_rate,
+        seed=script_args.attack_seed,
+        **json.loads(script_args.attack_kwargs or "{}"),
     )
     poisoned_train, poisoned_rows = attack.poison_dataset(train, image_column, label_column, num_classes)
     backdoor_test = attack.backdoor_test_view(test, image_column, label_column)

@@ -394,3 +394,17 @@ def test_composite_rows(ds):
     assert np.array_equal(new_labels[mixed], labels[mixed])
     assert np.all(new_labels[rows] == 2)
     assert Composite().to_dict()["target_class"] == 2
+
+
+def test_badnets_white_pattern_is_a_solid_square():
+    from PIL import Image
+
+    from medic_hf.attacks import BadNets, attack_from_dict
+
+    attack = BadNets(pattern="white")
+    out = np.asarray(attack.apply(Image.new("RGB", (32, 32), (10, 20, 30))))
+    assert (out[-3:, -3:] == 255).all()
+    assert (out[:-3, :] == (10, 20, 30)).all() and (out[:, :-3] == (10, 20, 30)).all()
+    assert attack_from_dict(attack.to_dict()) == attack
+    with pytest.raises(ValueError, match="pattern"):
+        BadNets(pattern="stripes")
