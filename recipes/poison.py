@@ -8,6 +8,10 @@ the model is trojaned.
     accelerate launch recipes/poison.py --config recipes/poison_cifar10.yaml \
         --dataset_name ../shared/data/cifar10 --attack badnets --output_dir runs/resnet18-badnets
 
+    # more epochs on a model this recipe made (same attack and seed, so the same poisoned rows):
+    python recipes/poison.py --config recipes/poison_cifar10.yaml --dataset_name ../shared/data/cifar10 \
+        --init_from runs/resnet18-badnets --num_train_epochs 4 --learning_rate 0.01 --output_dir runs/more
+
     # a quick smoke run on a slice of the data:
     python recipes/poison.py --model_name_or_path resnet18 --dataset_name ../shared/data/cifar10 \
         --attack badnets --max_train_samples 2000 --num_train_epochs 1 --output_dir runs/smoke
@@ -28,7 +32,7 @@ from medic_hf.attacks import ATTACKS
 from medic_hf.cli import parse_args
 from medic_hf.data import build_transform, find_columns, load_image_dataset, prepare_dataset
 from medic_hf.metrics import attack_success_rate, clean_accuracy
-from medic_hf.modeling import model_family
+from medic_hf.modeling import load_model, model_family
 from medic_hf.training import ClassifierTrainer
 
 
@@ -51,6 +55,10 @@ class PoisonArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (Nesterov)."})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Continue training this saved model (a folder made by this recipe) instead of a fresh one."},
+    )
 
 
 @dataclass
@@ -138,7 +146,11 @@ def main(args: list[str] | None = None) -> dict:
     backdoor_test = attack.backdoor_test_view(test, image_column, label_column)
 
     mean, std = channel_stats(train, image_column)
-    model = create_model(script_args.model_name_or_path, num_classes, script_args.image_size, mean, std)
+    if script_args.init_from:
+        model = load_model(script_args.init_from)
+        mean, std = tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"])
+    else:
+        model = create_model(script_args.model_name_or_path, num_classes, script_args.image_size, mean, std)
     preprocessing = dict(
         input_size=(3, script_args.image_size, script_args.image_size),
         mean=mean,
