@@ -273,7 +273,7 @@ class MedicCloner(Trainer):
                     g,
                     mean,
                     std,
-                    mode=args.importance if (args.importance != "impact" or g is not None) else "none",
+                    mode=args.importance,
                     temperature=args.temperature,
                     impact_temperature=args.impact_temperature,
                     impact_scale=args.impact_scale,

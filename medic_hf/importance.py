@@ -134,9 +134,12 @@ def importance_weights(
     if mode in ("both", "activation"):
         parts["activation"] = activation_weights(f, mean, std, temperature)
     if mode in ("both", "impact"):
-        if grad is None:
+        if grad is not None:
+            parts["impact"] = impact_weights(grad, std, tau_imp, impact_scale)
+        elif tau_imp == 0:  # softmax(0 · g) is uniform whatever g is: no gradient needed
+            parts["impact"] = f.new_full((f.shape[0], n), 1.0 / n)
+        else:
             raise ValueError("the impact criterion needs the gradient of the teacher's loss")
-        parts["impact"] = impact_weights(grad, std, tau_imp, impact_scale)
     if mode == "both":
         w = (parts["activation"] * parts["impact"]).sqrt()
     elif mode == "none":

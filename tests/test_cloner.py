@@ -226,3 +226,16 @@ def test_bf16_autocast_keeps_the_loss_in_fp32(tmp_path):
     losses = [log["loss"] for log in cloner.state.log_history if "loss" in log]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     cloner.remove_hooks()
+
+
+@pytest.mark.parametrize("importance", ["both", "activation", "impact", "none"])
+def test_every_importance_mode_trains_at_zero_and_positive_temperature(importance, tmp_path):
+    data = pixel_dataset(8)
+    teacher = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
+    for temperature in (0.0, 5.0):
+        config = make_config(tmp_path, num_train_epochs=1, importance=importance, temperature=temperature)
+        cloner = MedicCloner(teacher, config, train_dataset=data)
+        cloner.train()
+        assert cloner.needs_teacher_grad == (importance in ("both", "impact") and temperature > 0)
+        assert all(torch.isfinite(torch.tensor(log["loss"])) for log in cloner.state.log_history if "loss" in log)
+        cloner.remove_hooks()
