@@ -14,7 +14,7 @@ from torch import nn
 
 # Norm layers that do not subclass a torch norm are recognised by class name: timm's RmsNorm, EvoNorm*,
 # FrozenBatchNorm2d, SimpleNorm; transformers' ConvNextLayerNorm, *RMSNorm, ...
-_NORM_NAME = re.compile(r"(Norm\d?d?|NormAct\d?d?|NormFp32|Norm2dFp32|RMSNorm|RmsNorm)$", re.IGNORECASE)
+_NORM_NAME = re.compile(r"(Norm\d?d?|NormAct\d?d?|NormFp32|Norm2dFp32|RMSNorm|RmsNorm)$|^EvoNorm", re.IGNORECASE)
 _TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
     _TORCH_NORMS = _TORCH_NORMS + (nn.RMSNorm,)

@@ -1,0 +1,57 @@
+"""Module discovery across torch, timm and transformers, channel dimensions, name filters."""
+
+import pytest
+import torch
+from timm.layers import BatchNormAct2d, EvoNorm2dB0, EvoNorm2dS0, LayerNorm2d, RmsNorm
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
+
+from medic_hf.neurons import NeuronRecorder, channel_dim, find_clone_modules, layer_kind
+
+
+@pytest.mark.parametrize(
+    "module,kind,dim",
+    [
+        (nn.Conv2d(3, 4, 3), "conv", 1),
+        (nn.Linear(4, 4), "linear", -1),
+        (nn.BatchNorm2d(4), "norm", 1),
+        (nn.GroupNorm(2, 4), "norm", 1),
+        (nn.LayerNorm(4), "norm", -1),
+        (BatchNormAct2d(4), "norm", 1),
+        (LayerNorm2d(4), "norm", 1),
+        (RmsNorm(4), "norm", -1),
+        (EvoNorm2dB0(4), "norm", 1),
+        (EvoNorm2dS0(4, group_size=2), "norm", 1),
+        (FrozenBatchNorm2d(4), "norm", 1),
+        (ConvNextLayerNorm(4, data_format="channels_first"), "norm", 1),
+        (ConvNextLayerNorm(4, data_format="channels_last"), "norm", -1),
+        (nn.ReLU(), None, None),
+        (nn.Sequential(nn.Conv2d(3, 4, 3)), None, None),
+    ],
+)
+def test_layer_kind_and_channel_dim(module, kind, dim):
+    assert layer_kind(module) == kind
+    if kind is not None:
+        assert channel_dim(module) == dim
+
+
+def test_name_filters_take_suffixes_or_a_regex():
+    model = nn.Sequential()
+    model.add_module("features", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    model.add_module("fc", nn.Linear(4, 2))
+    assert list(find_clone_modules(model)) == ["features.0", "features.1", "fc"]
+    assert list(find_clone_modules(model, exclude_modules=["fc"])) == ["features.0", "features.1"]
+    assert list(find_clone_modules(model, target_modules=r"features\.\d")) == ["features.0", "features.1"]
+    assert list(find_clone_modules(model, kinds=["linear"])) == ["fc"]
+
+
+def test_recorder_hooks_are_removed():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+    recorder = NeuronRecorder(find_clone_modules(model))
+    silent = recorder.probe(lambda: model(torch.randn(2, 3, 8, 8)))
+    assert silent == []
+    assert recorder.captures["1"].clone_output  # the in-place ReLU overwrites the BatchNorm output
+    assert not recorder.captures["0"].clone_output
+    recorder.remove()
+    assert all(not m._forward_hooks for m in model.modules())
