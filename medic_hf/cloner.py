@@ -422,7 +422,7 @@ class MedicCloner(Trainer):
                     preds, labels = self.accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
                     correct += (preds == labels).sum()
                     total += labels.numel()
-                metrics[metric_name(name)] = (correct / total).item()
+                metrics[metric_name(name)] = round((correct / total).item(), 6)
         finally:
             self.teacher_recorder.set_enabled(True)
         return metrics
