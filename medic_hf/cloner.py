@@ -188,7 +188,7 @@ class MedicCloner(Trainer):
 
     def _probe_neurons(self) -> None:
         """One forward of both models on a real batch: find in-place overwrites, silent modules, shape mismatches."""
-        dataset = self.train_dataset if self.train_dataset is not None else None
+        dataset = self.train_dataset
         if dataset is None:
             raise ValueError("MedicCloner needs a train_dataset (the clean samples to clone on).")
         batch = self.data_collator([dataset[i] for i in range(min(2, len(dataset)))])
