@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,14 +31,19 @@ SETTINGS = {
     "activation_only": ["--importance", "activation"],
     "epochs20": ["--num_train_epochs", "20", "--eval_steps", "200"],
     "cutoff1": ["--importance_cutoff", "1.0"],
+    "attribution_t0.5": ["--importance", "attribution", "--temperature", "0.5"],
+    "attribution_t1": ["--importance", "attribution", "--temperature", "1"],
+    "tau10_warmup": ["--temperature", "10", "--warmup_ratio", "0.05"],
+    "wd5e-4": ["--weight_decay", "5e-4"],
 }
 
 
-def run(name: str, args) -> None:
+def run(name: str, args) -> subprocess.Popen | None:
+    """Start one setting's run (None when its results.json exists already)."""
     out = Path(args.runs) / name
     if (out / "results.json").is_file():
         print(f"{name}: done already")
-        return
+        return None
     cmd = [
         sys.executable, str(ROOT / "recipes" / "clone.py"),
         "--config", str(ROOT / "recipes" / "clone_cifar10.yaml"),
@@ -47,8 +54,31 @@ def run(name: str, args) -> None:
         *SETTINGS[name],
     ]  # fmt: skip
     print(" ".join(cmd), flush=True)
-    with open(Path(args.runs) / f"{name}.log", "a") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ)
+    if args.jobs > 1:  # share the cores instead of oversubscribing them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    log = open(Path(args.runs) / f"{name}.log", "a")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def run_all(args) -> None:
+    """Run the settings, `--jobs` at a time; a failed run is reported and the others go on."""
+    pending, running, failed = list(args.settings), {}, []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            process = run(name, args)
+            if process is not None:
+                running[name] = process
+        for name, process in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                if process.returncode != 0:
+                    failed.append(name)
+                print(f"{name}: exit {process.returncode}", flush=True)
+        time.sleep(2)
+    if failed:
+        print(f"failed: {failed} (see their .log files in {args.runs})")
 
 
 def report(args) -> None:
@@ -58,6 +88,8 @@ def report(args) -> None:
         if not path.is_file():
             continue
         result = json.loads(path.read_text())
+        (Path(args.results) / "removal").mkdir(parents=True, exist_ok=True)
+        (Path(args.results) / "removal" / f"{name}.json").write_text(json.dumps(result, indent=2))
         before, after = result["before"], result["after"]
         flags = " ".join(SETTINGS[name]) or "(recipes/clone_cifar10.yaml as is)"
         rows.append(
@@ -106,12 +138,12 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/removal")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--jobs", type=int, default=1, help="settings run at the same time (cores are shared)")
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args()
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        for name in args.settings:
-            run(name, args)
+        run_all(args)
     report(args)
 
 
