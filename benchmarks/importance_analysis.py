@@ -1,13 +1,17 @@
 """Where does MEDIC's importance weight go on a trojaned model? A diagnostic, no training.
 
-For every cloned layer it finds the "trigger channels": the channels whose mean output moves most (in σ units)
-when the trigger is stamped on clean test images. It then measures, on clean images, which share of the layer's
-importance weight (Eqs. 2-4) those channels receive, against their share of the layer's neurons. A ratio well
-below 1 means importance keeps the trigger channels out of the clone loss; near 1, they are cloned like the rest.
+For every cloned layer it finds the "trigger channels": the 5% of channels whose mean output moves most (in σ
+units) when the trigger is stamped on clean test images. It then measures, on clean images, which share of the
+layer's importance weight those channels receive, divided by their share of the layer's neurons: 1 means they are
+cloned like any other neuron, below 1 that importance keeps them out of the clone loss. It reports this on all
+clean images and on the 10% of clean images that the trojaned model pushes most toward the target class ("natural
+triggers": e.g. a bright bottom-right corner for a white-patch BadNets), which are the ones that can teach a
+student the backdoor.
 
-    python benchmarks/importance_analysis.py --model runs/resnet18-badnets --temperatures 0 5 10
+    python benchmarks/importance_analysis.py --model runs/resnet18-badnets-20ep \
+        --output benchmarks/results/v2/importance_analysis
 
-Writes `<output>.json` and prints a per-layer table.
+Writes `<output>.json` (per layer) and `<output>.md` (the table and the layer means).
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ from medic_hf.importance import NeuronStats, importance_weights
 from medic_hf.modeling import forward_logits, load_model
 from medic_hf.neurons import NeuronRecorder, channel_dim, find_clone_modules
 
+# criterion name -> importance_weights keyword arguments
+CRITERIA = {
+    "paper (both, τ=5)": dict(mode="both", temperature=5.0),
+    "activation, τ=5": dict(mode="activation", temperature=5.0),
+    "attribution, τ=0.5": dict(mode="attribution", temperature=0.5),
+    "attribution, τ=1": dict(mode="attribution", temperature=1.0),
+}
+
 
 def pixels(ds, transform, column="img"):
     return torch.stack([transform(img.convert("RGB")) for img in ds[column]])
@@ -37,25 +49,39 @@ def record(model, recorder, x, labels=None, batch=256):
         xb = x[i : i + batch]
         with torch.enable_grad() if labels is not None else torch.no_grad():
             logits = forward_logits(model, xb)
-            a = recorder.pop()
+            captured = recorder.pop()
             if labels is not None:
                 loss = F.cross_entropy(logits, labels[i : i + batch], reduction="sum")
-                g = torch.autograd.grad(loss, list(a.values()))
-                for name, gi in zip(a, g):
-                    grads.setdefault(name, []).append(gi.detach())
-        for name, ai in a.items():
-            acts.setdefault(name, []).append(ai.detach())
+                for name, g in zip(captured, torch.autograd.grad(loss, list(captured.values()))):
+                    grads.setdefault(name, []).append(g.detach())
+        for name, a in captured.items():
+            acts.setdefault(name, []).append(a.detach())
     return {k: torch.cat(v) for k, v in acts.items()}, {k: torch.cat(v) for k, v in grads.items()}
+
+
+def trigger_mask(clean: torch.Tensor, triggered: torch.Tensor, std: torch.Tensor, cdim: int, share: float):
+    """Boolean mask over a sample's flattened neurons: the channels the trigger moves most."""
+    reduce = [d for d in range(clean.ndim) if d != cdim]
+    shift = ((triggered - clean) / std).mean(dim=reduce).abs()
+    k = max(1, round(share * shift.numel()))
+    mask = torch.zeros_like(clean[:1], dtype=torch.bool)
+    mask.index_fill_(cdim, shift.topk(k).indices, True)
+    return mask.expand_as(clean[:1]).flatten(1)[0], shift.max().item()
+
+
+def share_ratio(w: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over samples of (the masked neurons' share of w) / (their share of the neurons)."""
+    share = w[:, mask].sum(1) / w.sum(1).clamp_min(1e-30)
+    return (share.mean() / mask.float().mean()).item()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", required=True, help="a model folder with attack.json (recipes/poison.py)")
     parser.add_argument("--dataset", default="../shared/data/cifar10")
-    parser.add_argument("--samples", type=int, default=512, help="clean test images to analyse")
+    parser.add_argument("--samples", type=int, default=768, help="non-target clean test images to analyse")
     parser.add_argument("--trigger_share", type=float, default=0.05, help="share of channels called trigger channels")
-    parser.add_argument("--temperatures", type=float, nargs="+", default=[5.0, 10.0])
-    parser.add_argument("--output", default=None)
+    parser.add_argument("--output", default=None, help="path prefix of the .json and .md results")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -64,7 +90,7 @@ def main() -> None:
     data = load_image_dataset(args.dataset)
     transform = build_transform(resolve_preprocessing(model), train=False)
     clean_train = class_balanced_subset(data["train"], fraction=0.05, seed=0)
-    test = data["test"].select(range(args.samples * 2))
+    test = data["test"].select(range(min(len(data["test"]), 2 * args.samples)))
     test = test.filter(lambda row: row["label"] != attack.target_class).select(range(args.samples))
     triggered = attack.backdoor_test_view(test)
 
@@ -83,46 +109,48 @@ def main() -> None:
     labels = torch.tensor(test["label"])
     clean_acts, clean_grads = record(model, recorder, x_clean, labels)
     trig_acts, _ = record(model, recorder, x_trig)
+    recorder.remove()
+    with torch.no_grad():
+        p_target = torch.softmax(forward_logits(model, x_clean), dim=1)[:, attack.target_class]
+    natural = p_target.topk(max(1, len(p_target) // 10)).indices
 
     rows = []
-    for name in modules:
-        f, g, ft = clean_acts[name], clean_grads[name], trig_acts[name]
+    for name, module in modules.items():
+        f, g = clean_acts[name], clean_grads[name]
         mean, std = stats.mean[name], stats.std[name]
-        cdim = channel_dim(modules[name]) % f.ndim
-        reduce = [d for d in range(f.ndim) if d != cdim]
-        shift = ((ft - f) / std).mean(dim=reduce).abs()  # per channel, σ units
-        k = max(1, round(args.trigger_share * shift.numel()))
-        trigger_channels = shift.topk(k).indices
-        mask = torch.zeros_like(f[:1], dtype=torch.bool)
-        mask.index_fill_(cdim, trigger_channels, True)
-        mask = mask.expand_as(f[:1]).flatten(1)[0]
-        row = {"layer": name, "neurons": mask.numel(), "trigger_shift_max": shift.max().item()}
-        for tau in args.temperatures:
-            w, parts = importance_weights(f, g, mean, std, mode="both", temperature=tau)
-            share = (w[:, mask].sum(1) / w.sum(1)).mean().item()
-            share_act = (parts["activation"][:, mask].sum(1)).mean().item()
-            _, rms_parts = importance_weights(f, g, mean, std, mode="impact", temperature=tau, impact_scale="rms")
-            share_imp = (rms_parts["impact"][:, mask].sum(1)).mean().item()
-            row[f"tau{tau:g}"] = {
-                "share_both": share / mask.float().mean().item(),
-                "share_activation": share_act / mask.float().mean().item(),
-                "share_impact_rms": share_imp / mask.float().mean().item(),
-                "sum_w": w.sum(1).mean().item(),
-            }
+        mask, max_shift = trigger_mask(f, trig_acts[name], std, channel_dim(module) % f.ndim, args.trigger_share)
+        row = {"layer": name, "neurons": mask.numel(), "trigger_shift_max": round(max_shift, 3)}
+        for label, kwargs in CRITERIA.items():
+            w, _ = importance_weights(f, g, mean, std, **kwargs)
+            row[label] = {"all": round(share_ratio(w, mask), 3), "natural": round(share_ratio(w[natural], mask), 3)}
         rows.append(row)
-    recorder.remove()
 
-    print(f"{'layer':28s} {'N':>6s} {'shift':>6s} " + " ".join(f"τ={t:g} both/act/imp_rms" for t in args.temperatures))
+    header = "| layer | neurons | max trigger shift (σ) | " + " | ".join(CRITERIA) + " |"
+    lines = [header, "|---" * (3 + len(CRITERIA)) + "|"]
     for row in rows:
-        cells = " ".join(
-            f"{row[f'tau{t:g}']['share_both']:6.2f}/{row[f'tau{t:g}']['share_activation']:5.2f}"
-            f"/{row[f'tau{t:g}']['share_impact_rms']:5.2f}"
-            for t in args.temperatures
+        cells = " | ".join(f"{row[c]['all']:.2f} / {row[c]['natural']:.2f}" for c in CRITERIA)
+        lines.append(f"| {row['layer']} | {row['neurons']} | {row['trigger_shift_max']:.2f} | {cells} |")
+    deep = [r for r in rows if r["trigger_shift_max"] >= 1.0]
+    for title, subset in (("mean, all layers", rows), ("mean, layers with shift ≥ 1σ", deep)):
+        cells = " | ".join(
+            f"{sum(r[c]['all'] for r in subset) / len(subset):.2f} / "
+            f"{sum(r[c]['natural'] for r in subset) / len(subset):.2f}"
+            for c in CRITERIA
         )
-        print(f"{row['layer']:28s} {row['neurons']:6d} {row['trigger_shift_max']:6.2f} {cells}")
-    out = Path(args.output or Path(args.model) / "importance_analysis.json")
-    out.write_text(json.dumps(rows, indent=2))
-    print(f"wrote {out}")
+        lines.append(f"| **{title}** ({len(subset)}) | | | {cells} |")
+    table = "\n".join(lines)
+    intro = (
+        f"Share of importance weight on the trigger channels / their share of neurons, on {args.samples} clean "
+        f"non-target test images (all) and on the {len(natural)} of them the model pushes most toward class "
+        f"{attack.target_class} (natural; mean p(target) {p_target[natural].mean():.2f} vs "
+        f"{p_target.mean():.2f} overall). 1 = cloned like any neuron; < 1 = kept out.\n\n"
+    )
+    print(intro + table)
+    prefix = Path(args.output or Path(args.model) / "importance_analysis")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    prefix.with_suffix(".md").write_text(intro + table + "\n")
+    print(f"wrote {prefix}.json and {prefix}.md")
 
 
 if __name__ == "__main__":

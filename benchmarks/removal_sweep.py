@@ -35,6 +35,7 @@ SETTINGS = {
     "attribution_t1": ["--importance", "attribution", "--temperature", "1"],
     "tau10_warmup": ["--temperature", "10", "--warmup_ratio", "0.05"],
     "wd5e-4": ["--weight_decay", "5e-4"],
+    "no_augment": ["--augment", "false"],
 }
 
 

@@ -96,7 +96,7 @@ class MedicCloner(Trainer):
         self.dataset_name = dataset_name
         self.image_processor = image_processor
 
-        train_dataset = self._prepare_data(train_dataset, train=True)
+        train_dataset = self._prepare_data(train_dataset, train=args.augment)
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._prepare_data(v, train=False) for k, v in eval_dataset.items()}
         else:
@@ -479,6 +479,7 @@ class MedicCloner(Trainer):
             "hook_layers": ",".join(a.hook_layers),
             "cloned_modules": len(self.teacher_recorder.modules),
             "stats_granularity": a.stats_granularity,
+            "augment (crop + flip)": a.augment,
             "sigma_floor": a.sigma_floor,
             "optimizer": "Adam (coupled L2)" if a.coupled_weight_decay else a.optim,
             "learning_rate": a.learning_rate,

@@ -79,6 +79,14 @@ class MedicConfig(TrainingArguments):
             "1 clones only neurons more important than average."
         },
     )
+    augment: bool = field(
+        default=True,
+        metadata={
+            "help": "Random crop (padding 1/8 of the side) and horizontal flip on clean images given as an image "
+            "column. False feeds them with the evaluation preprocessing only. Rows of ready `pixel_values` are "
+            "never augmented."
+        },
+    )
     hook_layers: list[str] = field(
         default_factory=lambda: list(HOOK_LAYER_KINDS),
         metadata={

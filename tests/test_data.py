@@ -365,3 +365,19 @@ def test_pixel_values_rows_pass_through():
     assert item["pixel_values"].dtype == torch.float32
     assert torch.allclose(item["pixel_values"], torch.from_numpy(pixels[1]))
     assert item["labels"].dtype == torch.int64 and item["labels"].item() == 1
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_cloner_augments_clean_images_only_when_asked(cifar_tiny, tmp_path, augment):
+    from medic_hf import MedicCloner, MedicConfig
+
+    from .tiny_models import timm_resnet
+
+    config = MedicConfig(output_dir=str(tmp_path), augment=augment, disable_tqdm=True, save_strategy="no")
+    cloner = MedicCloner(timm_resnet(), config, train_dataset=cifar_tiny["train"].select(range(8)))
+    torch.manual_seed(0)
+    draws = [torch.stack([cloner.train_dataset[i]["pixel_values"] for i in range(8)]) for _ in range(2)]
+    # crop + flip: two draws of the same rows differ; without augmentation they are identical
+    assert torch.equal(draws[0], draws[1]) is not augment
+    assert cloner.hyperparameters()["augment (crop + flip)"] is augment
+    cloner.remove_hooks()
