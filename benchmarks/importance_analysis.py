@@ -29,12 +29,22 @@ from medic_hf.importance import NeuronStats, importance_weights
 from medic_hf.modeling import forward_logits, load_model
 from medic_hf.neurons import NeuronRecorder, channel_dim, find_clone_modules
 
-# criterion name -> importance_weights keyword arguments
+
+def attribution_weights(f, grad, mean, temperature):
+    """A criterion tried and dropped (docs/removal.md): softmax of τ·(−(f − μ)·∂ℓ/∂f) / RMS per sample, set to 0
+    where the neuron's deviation from its mean works against the true label."""
+    h = -((f - mean) * grad).flatten(1)
+    h = h / h.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+    w = torch.softmax(temperature * h, dim=1)
+    return torch.where(h > 0, w, torch.zeros_like(w))
+
+
+# criterion name -> (f, grad, mean, std) -> weights (B, N)
 CRITERIA = {
-    "paper (both, τ=5)": dict(mode="both", temperature=5.0),
-    "activation, τ=5": dict(mode="activation", temperature=5.0),
-    "attribution, τ=0.5": dict(mode="attribution", temperature=0.5),
-    "attribution, τ=1": dict(mode="attribution", temperature=1.0),
+    "paper (both, τ=5)": lambda f, g, m, s: importance_weights(f, g, m, s, mode="both", temperature=5.0)[0],
+    "activation, τ=5": lambda f, g, m, s: importance_weights(f, g, m, s, mode="activation", temperature=5.0)[0],
+    "attribution, τ=0.5": lambda f, g, m, s: attribution_weights(f, g, m, 0.5),
+    "attribution, τ=1": lambda f, g, m, s: attribution_weights(f, g, m, 1.0),
 }
 
 
@@ -120,8 +130,8 @@ def main() -> None:
         mean, std = stats.mean[name], stats.std[name]
         mask, max_shift = trigger_mask(f, trig_acts[name], std, channel_dim(module) % f.ndim, args.trigger_share)
         row = {"layer": name, "neurons": mask.numel(), "trigger_shift_max": round(max_shift, 3)}
-        for label, kwargs in CRITERIA.items():
-            w, _ = importance_weights(f, g, mean, std, **kwargs)
+        for label, criterion in CRITERIA.items():
+            w = criterion(f, g, mean, std)
             row[label] = {"all": round(share_ratio(w, mask), 3), "natural": round(share_ratio(w[natural], mask), 3)}
         rows.append(row)
 

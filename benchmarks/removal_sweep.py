@@ -31,11 +31,12 @@ SETTINGS = {
     "activation_only": ["--importance", "activation"],
     "epochs20": ["--num_train_epochs", "20", "--eval_steps", "200"],
     "cutoff1": ["--importance_cutoff", "1.0"],
-    "attribution_t0.5": ["--importance", "attribution", "--temperature", "0.5"],
-    "attribution_t1": ["--importance", "attribution", "--temperature", "1"],
     "tau10_warmup": ["--temperature", "10", "--warmup_ratio", "0.05"],
     "wd5e-4": ["--weight_decay", "5e-4"],
     "no_augment": ["--augment", "false"],
+    "seed1": ["--seed", "1"],
+    "seed2": ["--seed", "2"],
+    "clean_subset1": ["--data_seed_clean", "1"],
 }
 
 

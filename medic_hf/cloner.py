@@ -178,9 +178,7 @@ class MedicCloner(Trainer):
                 f"Teacher and student modules do not match (e.g. {missing}): the student must have the teacher's "
                 "architecture; leave `student=None` to let the cloner create it."
             )
-        need_grad = args.importance == "attribution" or (
-            args.importance in ("both", "impact") and args.effective_impact_temperature > 0
-        )
+        need_grad = args.importance in ("both", "impact") and args.effective_impact_temperature > 0
         self.needs_teacher_grad = need_grad
         self.teacher_recorder = NeuronRecorder(teacher_modules, require_grad=need_grad)
         self.student_recorder = NeuronRecorder(student_modules)

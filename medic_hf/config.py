@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-IMPORTANCE_MODES = ("both", "activation", "impact", "attribution", "none")
+IMPORTANCE_MODES = ("both", "activation", "impact", "none")
 HOOK_LAYER_KINDS = ("conv", "norm", "linear")
 STATS_GRANULARITIES = ("channel", "neuron")
 IMPACT_SCALES = ("sigma", "rms")
@@ -56,9 +56,7 @@ class MedicConfig(TrainingArguments):
         default="both",
         metadata={
             "help": "Which importance criteria weight the clone loss: 'both' (sqrt of the product, Eq. 4), "
-            "'activation' (Eq. 2), 'impact' (Eq. 3), 'none' (uniform weights; paper App. E.6), or 'attribution' "
-            "(softmax of τ·(−(f−μ)·∂ℓ/∂f) normalised per sample, zero where the neuron works against the true "
-            "label; medic_hf's variant, see docs/method.md).",
+            "'activation' (Eq. 2), 'impact' (Eq. 3) or 'none' (uniform weights; paper App. E.6).",
             "choices": list(IMPORTANCE_MODES),
         },
     )

@@ -111,25 +111,6 @@ def impact_weights(grad: Tensor, std: Tensor, temperature: float, scale: str = "
     return torch.softmax(temperature * impact_values(grad, std, scale), dim=1)
 
 
-def attribution_values(f: Tensor, grad: Tensor, mean: Tensor) -> Tensor:
-    """−(f − μ)·∂ℓ/∂f, divided by its RMS per sample. Returns (B, N).
-
-    The first-order estimate of how much the teacher's loss on the true label would rise if the neuron were reset
-    to its mean: positive for a neuron whose deviation helps the correct prediction, negative for one that works
-    against it. It equals −z·g with the paper's z = (f − μ)/σ and proxy gradient g = σ·∂ℓ/∂f, so σ cancels. The
-    RMS division makes τ mean the same on every layer and sample, whatever the size of the gradients.
-    """
-    h = -((f - mean) * grad).flatten(1)
-    return h / h.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
-
-
-def attribution_weights(f: Tensor, grad: Tensor, mean: Tensor, temperature: float) -> Tensor:
-    """softmax(τ·attribution) over the layer's neurons, 0 for neurons whose deviation hurts the label. (B, N)."""
-    h = attribution_values(f, grad, mean)
-    w = torch.softmax(temperature * h, dim=1)
-    return torch.where(h > 0, w, torch.zeros_like(w))
-
-
 def importance_weights(
     f: Tensor,
     grad: Tensor | None,
@@ -143,9 +124,6 @@ def importance_weights(
     cutoff: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. 4, w = sqrt(w_act · w_imp), or one criterion alone, or uniform. Returns w (B, N) and the parts.
-
-    `mode="attribution"` is medic_hf's variant (docs/removal.md): w = softmax(τ·(−(f − μ)·∂ℓ/∂f)/RMS), zero where
-    the neuron's deviation from its mean works against the true label.
 
     With `cutoff` > 0, weights below cutoff / N are set to 0: a neuron less important than that on a sample is not
     cloned at all for it, instead of being cloned with a small weight.
@@ -162,10 +140,6 @@ def importance_weights(
             parts["impact"] = f.new_full((f.shape[0], n), 1.0 / n)
         else:
             raise ValueError("the impact criterion needs the gradient of the teacher's loss")
-    if mode == "attribution":
-        if grad is None:
-            raise ValueError("the attribution criterion needs the gradient of the teacher's loss")
-        parts["attribution"] = attribution_weights(f, grad, mean, temperature)
     if mode == "both":
         w = (parts["activation"] * parts["impact"]).sqrt()
     elif mode == "none":

@@ -228,7 +228,7 @@ def test_bf16_autocast_keeps_the_loss_in_fp32(tmp_path):
     cloner.remove_hooks()
 
 
-@pytest.mark.parametrize("importance", ["both", "activation", "impact", "attribution", "none"])
+@pytest.mark.parametrize("importance", ["both", "activation", "impact", "none"])
 def test_every_importance_mode_trains_at_zero_and_positive_temperature(importance, tmp_path):
     data = pixel_dataset(8)
     teacher = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
@@ -236,7 +236,6 @@ def test_every_importance_mode_trains_at_zero_and_positive_temperature(importanc
         config = make_config(tmp_path, num_train_epochs=1, importance=importance, temperature=temperature)
         cloner = MedicCloner(teacher, config, train_dataset=data)
         cloner.train()
-        expected_grad = importance == "attribution" or (importance in ("both", "impact") and temperature > 0)
-        assert cloner.needs_teacher_grad == expected_grad
+        assert cloner.needs_teacher_grad == (importance in ("both", "impact") and temperature > 0)
         assert all(torch.isfinite(torch.tensor(log["loss"])) for log in cloner.state.log_history if "loss" in log)
         cloner.remove_hooks()

@@ -46,36 +46,6 @@ def test_impact_rms_scale_hand_computed():
     assert impact_weights(grad, std, 1.0, scale="rms")[0].tolist() == pytest.approx(expected, rel=1e-6)
 
 
-def test_attribution_weights_hand_computed():
-    f = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
-    mean = torch.tensor([[0.0, 0.0, 0.0, 0.5]])
-    grad = torch.tensor([[-1.0, 2.0, -0.5, 3.0]])
-    # -(f - mu) * grad = [2, -2, -0.5, 0]; RMS = sqrt((4 + 4 + 0.25 + 0) / 4)
-    rms = math.sqrt(8.25 / 4)
-    h = [2 / rms, -2 / rms, -0.5 / rms, 0.0]
-    soft = softmax([1.5 * v for v in h])
-    # neurons 1 and 2 work against the label (h < 0) and neuron 3 does nothing (h = 0): not cloned
-    expected = [soft[0], 0.0, 0.0, 0.0]
-    w, parts = importance_weights(f, grad, mean, torch.ones(1, 4), mode="attribution", temperature=1.5)
-    assert w[0].tolist() == pytest.approx(expected, rel=1e-6)
-    assert parts["attribution"][0].tolist() == pytest.approx(expected, rel=1e-6)
-
-
-def test_attribution_does_not_depend_on_sigma_or_gradient_scale():
-    torch.manual_seed(0)
-    f, grad, mean = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.randn(1, 4, 1, 1)
-    base, _ = importance_weights(f, grad, mean, torch.ones(1, 4, 1, 1), mode="attribution", temperature=2.0)
-    scaled, _ = importance_weights(
-        f, 1e-3 * grad, mean, torch.rand(1, 4, 1, 1) + 0.1, mode="attribution", temperature=2.0
-    )
-    assert torch.allclose(base, scaled, atol=1e-6)
-
-
-def test_attribution_needs_the_gradient():
-    with pytest.raises(ValueError, match="gradient"):
-        importance_weights(torch.randn(2, 3), None, torch.zeros(1, 3), torch.ones(1, 3), mode="attribution")
-
-
 def test_combined_weights_are_geometric_mean():
     f = torch.tensor([[2.0, 0.0]])
     grad = torch.tensor([[0.0, 1.0]])
