@@ -4,9 +4,12 @@ Runs `recipes/clone.py` once per setting (skipping settings whose `results.json`
 its last checkpoint), then writes a Markdown table and a PNG plot of ASR and clean accuracy against epochs.
 
     python recipes/poison.py --config recipes/poison_cifar10.yaml --dataset_name ../shared/data/cifar10 \
-        --output_dir runs/resnet18-badnets
-    python benchmarks/removal_sweep.py --model runs/resnet18-badnets --settings defaults tau0
-    python benchmarks/removal_sweep.py --report_only     # table and plot from what has finished
+        --output_dir runs/resnet18-badnets-20ep
+    python benchmarks/removal_sweep.py --model runs/resnet18-badnets-20ep --settings defaults tau0 --jobs 2
+    python benchmarks/removal_sweep.py --model runs/resnet18-badnets-20ep --report_only   # table and plot so far
+
+Runs go to runs/removal/<model folder name>/<setting>; the table (removal.md), plot (removal.png) and each run's
+results.json to benchmarks/results/<model folder name>/.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ SETTINGS = {
     "seed1": ["--seed", "1"],
     "seed2": ["--seed", "2"],
     "clean_subset1": ["--data_seed_clean", "1"],
+    "no_logits_seed1": ["--exclude_modules", "fc", "--seed", "1"],
+    "no_logits_seed2": ["--exclude_modules", "fc", "--seed", "2"],
 }
 
 
@@ -110,10 +115,11 @@ def report(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "removal.md").write_text(table + "\n")
     print(table)
-    plot(curves, out / "removal.png")
+    before = json.loads(next(Path(args.runs).glob("*/results.json")).read_text())["before"] if rows else {}
+    plot(curves, before, out / "removal.png")
 
 
-def plot(curves: dict, path: Path) -> None:
+def plot(curves: dict, before: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,8 +132,13 @@ def plot(curves: dict, path: Path) -> None:
         ax_acc.plot(epochs, [100 * p.get("eval_clean_accuracy", float("nan")) for _, p in points], "o-", label=name)
     ax_asr.set(xlabel="epoch", ylabel="attack success rate (%)", title="ASR during cloning")
     ax_acc.set(xlabel="epoch", ylabel="clean accuracy (%)", title="Clean accuracy during cloning")
-    ax_asr.axhline(10, color="grey", linestyle="--", linewidth=0.8)
-    ax_asr.legend()
+    ax_asr.axhline(10, color="grey", linestyle="--", linewidth=0.8, label="target: 10%")
+    if "clean_accuracy" in before:
+        teacher = 100 * before["clean_accuracy"]
+        ax_acc.axhline(teacher, color="black", linestyle=":", linewidth=0.8, label="trojaned model")
+        ax_acc.axhline(teacher - 3, color="grey", linestyle="--", linewidth=0.8, label="target: 3 points lost")
+        ax_acc.legend(loc="lower right", fontsize=8)
+    ax_asr.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
@@ -135,14 +146,17 @@ def plot(curves: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="runs/resnet18-badnets")
+    parser.add_argument("--model", default="runs/resnet18-badnets-20ep", help="a folder made by recipes/poison.py")
     parser.add_argument("--dataset", default="../shared/data/cifar10")
-    parser.add_argument("--runs", default="runs/removal")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--runs", default=None, help="where the runs go (default: runs/removal/<model folder name>)")
+    parser.add_argument("--results", default=None, help="table, plot, results (default: benchmarks/results/<model>)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--jobs", type=int, default=1, help="settings run at the same time (cores are shared)")
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args()
+    model_name = Path(args.model).name
+    args.runs = args.runs or f"runs/removal/{model_name}"
+    args.results = args.results or str(ROOT / "benchmarks" / "results" / model_name)
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         run_all(args)

@@ -5,11 +5,8 @@ holds an `attack.json` (written by recipes/poison.py), the triggered test view i
 success rate (ASR) is reported before and after cloning. Results go to `<output_dir>/results.json`, a Markdown table
 `results.md`, and the sanitized model (native format + model card) to `output_dir`.
 
-    # the embedded demo: the shipped trojaned model and clean slice, on CPU
-    python recipes/clone.py --config recipes/demo.yaml
-
     # a trojaned model made by recipes/poison.py, 5% of CIFAR-10 from a local copy, the paper's settings
-    accelerate launch recipes/clone.py --model_name_or_path runs/resnet18-badnets \
+    accelerate launch recipes/clone.py --model_name_or_path runs/resnet18-badnets-20ep \
         --dataset_name ../shared/data/cifar10 --config recipes/clone_cifar10.yaml --output_dir runs/medic-badnets
 
     # several GPUs, then push the sanitized model and its card to the Hub

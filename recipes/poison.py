@@ -6,11 +6,11 @@ the model is trojaned.
 
     # timm resnet18 at 32x32, BadNets (3x3 patch, 10% poisoned, target class 0), CIFAR-10 from a local copy:
     accelerate launch recipes/poison.py --config recipes/poison_cifar10.yaml \
-        --dataset_name ../shared/data/cifar10 --attack badnets --output_dir runs/resnet18-badnets
+        --dataset_name ../shared/data/cifar10 --attack badnets --output_dir runs/resnet18-badnets-20ep
 
     # more epochs on a model this recipe made (same attack and seed, so the same poisoned rows):
     python recipes/poison.py --config recipes/poison_cifar10.yaml --dataset_name ../shared/data/cifar10 \
-        --init_from runs/resnet18-badnets --num_train_epochs 4 --learning_rate 0.01 --output_dir runs/more
+        --init_from runs/resnet18-badnets-20ep --num_train_epochs 4 --learning_rate 0.01 --output_dir runs/more
 
     # a quick smoke run on a slice of the data:
     python recipes/poison.py --model_name_or_path resnet18 --dataset_name ../shared/data/cifar10 \
