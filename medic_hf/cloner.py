@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import Trainer, default_data_collator, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.utils import logging
 
 from .config import MedicConfig
 from .data import build_transform, find_columns, prepare_dataset, resolve_preprocessing
@@ -26,6 +27,8 @@ from .hub import build_model_card, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
 from .modeling import disable_dropout, forward_logits, load_model, make_student, model_family, num_classes, save_native
 from .neurons import NeuronRecorder, channel_dim, find_clone_modules
+
+logger = logging.get_logger(__name__)
 
 STATS_FILE = "medic_stats.safetensors"
 STATE_FILE = "medic_state.json"
@@ -211,15 +214,20 @@ class MedicCloner(Trainer):
                 "teacher's architecture; leave `student=None`."
             )
         silent = sorted(set(teacher_silent) | set(student_silent))
-        if silent:
-            # e.g. nn.MultiheadAttention's out_proj, whose weights are used without calling the module.
-            self.teacher_recorder.drop(silent)
-            self.student_recorder.drop(silent)
-            for name in silent:
+        dropped = list(silent)  # e.g. nn.MultiheadAttention's out_proj, whose weights are used without calling it
+        if not self.args.clone_logits:
+            logits_modules = self.teacher_recorder.result_modules
+            if not logits_modules:
+                logger.warning("clone_logits=False, but no cloned module outputs the logits: nothing left out.")
+            dropped += logits_modules
+        if dropped:
+            self.teacher_recorder.drop(dropped)
+            self.student_recorder.drop(dropped)
+            for name in dropped:
                 self.channel_dims.pop(name, None)
         if not self.teacher_recorder.modules:
             raise ValueError("None of the selected modules is called in the forward pass: nothing to clone.")
-        self.neuron_counts = {n: math.prod(s[1:]) for n, s in teacher_shapes.items() if n not in silent}
+        self.neuron_counts = {n: math.prod(s[1:]) for n, s in teacher_shapes.items() if n not in dropped}
 
     # ------------------------------------------------------------------ statistics
 
@@ -475,6 +483,7 @@ class MedicCloner(Trainer):
             "impact_scale": a.impact_scale,
             "importance_cutoff": a.importance_cutoff,
             "hook_layers": ",".join(a.hook_layers),
+            "clone_logits": a.clone_logits,
             "cloned_modules": len(self.teacher_recorder.modules),
             "stats_granularity": a.stats_granularity,
             "augment (crop + flip)": a.augment,

@@ -92,6 +92,13 @@ class MedicConfig(TrainingArguments):
             "(paper App. D: all convolution, normalization and fully-connected layers)."
         },
     )
+    clone_logits: bool = field(
+        default=True,
+        metadata={
+            "help": "Clone the output of the module that produces the logits (the classifier), as the paper says. "
+            "False leaves it out, as the authors' published command does (conv + norm outputs only)."
+        },
+    )
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={

@@ -146,11 +146,22 @@ class NeuronRecorder:
 
     @torch.no_grad()
     def probe(self, forward) -> list[str]:
-        """Run `forward()` once; mark outputs that the model overwrites in place; return modules that never fired."""
+        """Run `forward()` once; mark outputs that the model overwrites in place; return modules that never fired.
+
+        `forward`'s return value is kept in `last_result`, and the names of the modules whose output *is* that
+        result (e.g. the classifier producing the logits) in `result_modules`.
+        """
         self.store.clear()
-        forward()
+        self.last_result = forward()
         silent = [name for name in self.modules if name not in self.store]
         self.last_shapes = {name: output.shape for name, output in self.store.items()}
+        self.result_modules = [
+            name
+            for name, output in self.store.items()
+            if isinstance(self.last_result, torch.Tensor)
+            and output.shape == self.last_result.shape
+            and torch.equal(output, self.last_result)
+        ]
         for name, output in self.store.items():
             capture = self.captures[name]
             capture.clone_output = output._version != capture.version_at_capture

@@ -239,3 +239,20 @@ def test_every_importance_mode_trains_at_zero_and_positive_temperature(importanc
         assert cloner.needs_teacher_grad == (importance in ("both", "impact") and temperature > 0)
         assert all(torch.isfinite(torch.tensor(log["loss"])) for log in cloner.state.log_history if "loss" in log)
         cloner.remove_hooks()
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TINY_MODELS))
+def test_clone_logits_false_leaves_out_exactly_the_classifier(name, tmp_path):
+    data = pixel_dataset(4)
+    teacher = calibrate(ALL_TINY_MODELS[name](), data)
+    with_logits = MedicCloner(teacher, make_config(tmp_path), train_dataset=data)
+    without = MedicCloner(teacher, make_config(tmp_path, clone_logits=False), train_dataset=data)
+    left_out = set(with_logits.teacher_recorder.modules) - set(without.teacher_recorder.modules)
+    assert len(left_out) == 1 and set(without.teacher_recorder.modules) < set(with_logits.teacher_recorder.modules)
+    (classifier,) = left_out
+    module = with_logits.teacher_recorder.modules[classifier]
+    assert isinstance(module, nn.Linear) and module.out_features == 10
+    assert classifier not in without.student_recorder.modules and classifier not in without.channel_dims
+    assert without.hyperparameters()["clone_logits"] is False
+    for cloner in (with_logits, without):
+        cloner.remove_hooks()
