@@ -27,21 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> extra recipe flags on top of recipes/clone_cifar10.yaml (the paper's settings)
 SETTINGS = {
     "defaults": [],
-    "tau0": ["--temperature", "0"],
-    "tau10": ["--temperature", "10"],
-    "no_logits": ["--exclude_modules", "fc"],
-    "neuron_stats": ["--stats_granularity", "neuron"],
-    "activation_only": ["--importance", "activation"],
-    "epochs20": ["--num_train_epochs", "20", "--eval_steps", "200"],
-    "cutoff1": ["--importance_cutoff", "1.0"],
-    "tau10_warmup": ["--temperature", "10", "--warmup_ratio", "0.05"],
-    "wd5e-4": ["--weight_decay", "5e-4"],
-    "no_augment": ["--augment", "false"],
     "seed1": ["--seed", "1"],
     "seed2": ["--seed", "2"],
+    "paper": ["--clone_logits", "true"],  # the paper's text: the logits cloned too
+    "paper_seed1": ["--clone_logits", "true", "--seed", "1"],
+    "paper_seed2": ["--clone_logits", "true", "--seed", "2"],
+    "tau0": ["--temperature", "0", "--clone_logits", "true"],  # plain cloning of every neuron
+    "tau10": ["--temperature", "10"],
+    "tau10_warmup": ["--temperature", "10", "--warmup_ratio", "0.05"],
+    "no_augment": ["--augment", "false", "--clone_logits", "true"],
+    "neuron_stats": ["--stats_granularity", "neuron"],
+    "activation_only": ["--importance", "activation"],
+    "wd5e-4": ["--weight_decay", "5e-4"],
+    "cutoff1": ["--importance_cutoff", "1.0"],
     "clean_subset1": ["--data_seed_clean", "1"],
-    "no_logits_seed1": ["--exclude_modules", "fc", "--seed", "1"],
-    "no_logits_seed2": ["--exclude_modules", "fc", "--seed", "2"],
 }
 
 

@@ -218,7 +218,7 @@ class MedicCloner(Trainer):
         if not self.args.clone_logits:
             logits_modules = self.teacher_recorder.result_modules
             if not logits_modules:
-                logger.warning("clone_logits=False, but no cloned module outputs the logits: nothing left out.")
+                logger.info("clone_logits=False, but no cloned module outputs the logits: nothing left out.")
             dropped += logits_modules
         if dropped:
             self.teacher_recorder.drop(dropped)

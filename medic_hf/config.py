@@ -21,6 +21,10 @@ class MedicConfig(TrainingArguments):
     initialised copy of the architecture on a small clean data set with cross-entropy plus an importance-weighted
     loss that matches the (possibly trojaned) teacher's normalised activations where they matter for clean inputs.
 
+    MEDIC defaults are the paper's (λ = 10, τ = 5, both criteria, all conv / norm / linear outputs) except one:
+    `clone_logits=False` leaves the classifier's output out, as the authors' published command does; it kept the
+    attack success rate below 10% where cloning the logits did not (docs/removal.md).
+
     Defaults that differ from `TrainingArguments`, taken from the paper (Appendix D) unless stated:
 
     - `learning_rate=1e-2` (instead of 5e-5)
@@ -93,10 +97,11 @@ class MedicConfig(TrainingArguments):
         },
     )
     clone_logits: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "Clone the output of the module that produces the logits (the classifier), as the paper says. "
-            "False leaves it out, as the authors' published command does (conv + norm outputs only)."
+            "help": "Also clone the output of the module that produces the logits (the classifier), as the paper's "
+            "text says. Off by default, as in the authors' published command (conv + norm outputs only): cloning the "
+            "logits copied more of the backdoor in every measurement (docs/removal.md)."
         },
     )
     target_modules: list[str] | str | None = field(

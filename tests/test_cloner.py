@@ -57,8 +57,9 @@ def test_architecture_matrix(name, tmp_path):
         if param.numel() > 1:
             assert not torch.equal(param.detach(), reference[key]), key
 
-    # Hooks sit on every conv / norm / linear module that runs in the forward pass.
-    expected = called_modules(teacher, data[:2]["pixel_values"])
+    # Hooks sit on every conv / norm / linear module that runs in the forward pass, but the classifier
+    # (clone_logits=False by default).
+    expected = called_modules(teacher, data[:2]["pixel_values"]) - {cloner.teacher_recorder.result_modules[0]}
     assert set(cloner.teacher_recorder.modules) == expected
     assert set(cloner.student_recorder.modules) == expected
 
@@ -134,6 +135,7 @@ def test_plain_cloning_makes_student_activations_approach_the_teacher(tmp_path):
     config = make_config(
         tmp_path,
         importance="none",
+        clone_logits=True,
         num_train_epochs=300,
         learning_rate=1e-2,
         clone_loss_weight=10.0,
@@ -210,6 +212,7 @@ def test_config_defaults_follow_the_paper():
     assert config.learning_rate == 1e-2 and config.weight_decay == 1e-4 and config.num_train_epochs == 60
     assert config.per_device_train_batch_size == 64 and str(config.lr_scheduler_type.value) == "cosine"
     assert config.remove_unused_columns is False and config.hook_layers == ["conv", "norm", "linear"]
+    assert config.clone_logits is False  # the one MEDIC default that is not the paper's text (docs/removal.md)
     with pytest.raises(ValueError, match="importance"):
         MedicConfig(output_dir="x", importance="sharp")
     with pytest.raises(ValueError, match="hook_layers"):
@@ -245,8 +248,8 @@ def test_every_importance_mode_trains_at_zero_and_positive_temperature(importanc
 def test_clone_logits_false_leaves_out_exactly_the_classifier(name, tmp_path):
     data = pixel_dataset(4)
     teacher = calibrate(ALL_TINY_MODELS[name](), data)
-    with_logits = MedicCloner(teacher, make_config(tmp_path), train_dataset=data)
-    without = MedicCloner(teacher, make_config(tmp_path, clone_logits=False), train_dataset=data)
+    with_logits = MedicCloner(teacher, make_config(tmp_path, clone_logits=True), train_dataset=data)
+    without = MedicCloner(teacher, make_config(tmp_path), train_dataset=data)  # the default
     left_out = set(with_logits.teacher_recorder.modules) - set(without.teacher_recorder.modules)
     assert len(left_out) == 1 and set(without.teacher_recorder.modules) < set(with_logits.teacher_recorder.modules)
     (classifier,) = left_out
