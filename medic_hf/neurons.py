@@ -148,19 +148,17 @@ class NeuronRecorder:
     def probe(self, forward) -> list[str]:
         """Run `forward()` once; mark outputs that the model overwrites in place; return modules that never fired.
 
-        `forward`'s return value is kept in `last_result`, and the names of the modules whose output *is* that
-        result (e.g. the classifier producing the logits) in `result_modules`.
+        The names of the modules whose output *is* `forward`'s return value (e.g. the classifier producing the
+        logits) are kept in `result_modules`.
         """
         self.store.clear()
-        self.last_result = forward()
+        result = forward()
         silent = [name for name in self.modules if name not in self.store]
         self.last_shapes = {name: output.shape for name, output in self.store.items()}
         self.result_modules = [
             name
             for name, output in self.store.items()
-            if isinstance(self.last_result, torch.Tensor)
-            and output.shape == self.last_result.shape
-            and torch.equal(output, self.last_result)
+            if isinstance(result, torch.Tensor) and output.shape == result.shape and torch.equal(output, result)
         ]
         for name, output in self.store.items():
             capture = self.captures[name]
