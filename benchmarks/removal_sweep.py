@@ -29,6 +29,7 @@ SETTINGS = {
     "defaults": [],
     "seed1": ["--seed", "1"],
     "seed2": ["--seed", "2"],
+    "seed3": ["--seed", "3"],
     "paper": ["--clone_logits", "true"],  # the paper's text: the logits cloned too
     "paper_seed1": ["--clone_logits", "true", "--seed", "1"],
     "paper_seed2": ["--clone_logits", "true", "--seed", "2"],
