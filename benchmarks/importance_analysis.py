@@ -9,7 +9,7 @@ triggers": e.g. a bright bottom-right corner for a white-patch BadNets), which a
 student the backdoor.
 
     python benchmarks/importance_analysis.py --model runs/resnet18-badnets-20ep \
-        --output benchmarks/results/v2/importance_analysis
+        --output benchmarks/results/resnet18-badnets-20ep/importance_analysis
 
 Writes `<output>.json` (per layer) and `<output>.md` (the table and the layer means).
 """

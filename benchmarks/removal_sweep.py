@@ -89,7 +89,7 @@ def run_all(args) -> None:
 
 
 def report(args) -> None:
-    rows, curves = [], {}
+    rows, curves, before = [], {}, {}
     for name in SETTINGS:
         path = Path(args.runs) / name / "results.json"
         if not path.is_file():
@@ -115,7 +115,6 @@ def report(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "removal.md").write_text(table + "\n")
     print(table)
-    before = json.loads(next(Path(args.runs).glob("*/results.json")).read_text())["before"] if rows else {}
     plot(curves, before, out / "removal.png")
 
 
