@@ -30,7 +30,7 @@ from transformers import TrainingArguments
 
 from medic_hf.attacks import ATTACKS
 from medic_hf.cli import parse_args
-from medic_hf.data import build_transform, find_columns, load_image_dataset, prepare_dataset
+from medic_hf.data import build_transform, find_columns, load_image_dataset, prepare_dataset, resolve_preprocessing
 from medic_hf.metrics import attack_success_rate, clean_accuracy
 from medic_hf.modeling import load_model, model_family
 from medic_hf.training import ClassifierTrainer
@@ -42,12 +42,29 @@ class PoisonArguments:
         default="resnet18", metadata={"help": "A timm architecture name, or a transformers config id / folder."}
     )
     dataset_name: str = field(default=None, metadata={"help": "A Hub data set id or a local parquet/image folder."})
-    attack: str = field(default="badnets", metadata={"help": f"One of {sorted(ATTACKS)}."})
+    attack: str = field(
+        default="badnets",
+        metadata={"help": f"One of {sorted(ATTACKS)}, or 'none' for a clean model trained the same way (a baseline)."},
+    )
     poison_rate: float = field(default=0.1, metadata={"help": "Fraction of the training set poisoned."})
-    target_class: int = field(default=0, metadata={"help": "The attack's target class."})
+    target_class: int | None = field(
+        default=None,
+        metadata={"help": "The attack's target class (default: the attack's own, 0 except Composite: 2)."},
+    )
     attack_seed: int = field(default=0, metadata={"help": "Seed of the attack's random choices."})
     attack_kwargs: str | None = field(
         default=None, metadata={"help": 'Other attack fields as JSON, e.g. \'{"pattern": "white"}\' for BadNets.'}
+    )
+    surrogate: str | None = field(
+        default=None,
+        metadata={"help": "label_consistent only: a clean model folder (e.g. made with --attack none) to run PGD on."},
+    )
+    model_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Creation kwargs as JSON, e.g. '{\"channels\": [24, 48, 96, 192]}' for a narrow timm resnet18 "
+            "(timm: create_model kwargs, saved in config.json; transformers: config fields)."
+        },
     )
     image_size: int = field(default=32, metadata={"help": "Input resolution of the model."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -84,49 +101,102 @@ def channel_stats(ds, image_column: str, n: int = 2000) -> tuple[tuple[float, ..
     return tuple(pixels.mean(axis=(0, 1, 2)).round(4)), tuple(pixels.std(axis=(0, 1, 2)).round(4))
 
 
-def create_model(name: str, num_classes: int, image_size: int, mean, std) -> torch.nn.Module:
+def create_model(name: str, num_classes: int, image_size: int, mean, std, **kwargs) -> torch.nn.Module:
     """A fresh timm model (with its data config set to this resolution) or a transformers model from a config."""
     import timm
 
     if timm.is_model(name):
         overlay = dict(input_size=(3, image_size, image_size), mean=mean, std=std, crop_pct=1.0)
-        return timm.create_model(name, num_classes=num_classes, pretrained=False, pretrained_cfg_overlay=overlay)
+        return timm.create_model(
+            name, num_classes=num_classes, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs
+        )
     from transformers import AutoConfig, AutoModelForImageClassification
 
-    config = AutoConfig.from_pretrained(name, num_labels=num_classes, image_size=image_size)
+    config = AutoConfig.from_pretrained(name, num_labels=num_classes, image_size=image_size, **kwargs)
     return AutoModelForImageClassification.from_config(config)
 
 
 def write_card(output_dir: Path, script_args: PoisonArguments, attack, metrics: dict, family: str) -> None:
-    card = ModelCard(
-        f"""---
+    library = "timm" if family == "timm" else "transformers" if family == "transformers" else "pytorch"
+    architecture = f"`{script_args.model_name_or_path}` at {script_args.image_size}x{script_args.image_size}"
+    if script_args.model_kwargs:
+        architecture += f" with `{script_args.model_kwargs}`"
+    facts = f"""- architecture: {architecture}
+- data: `{script_args.dataset_name}`, split `{script_args.train_split}`
+- clean accuracy: {metrics["clean_accuracy"]:.4f} on {metrics["clean_samples"]} test images"""
+    if attack is None:
+        text = f"""---
+tags: [medic-hf, {family}]
+library_name: {library}
+---
+# Clean baseline (no attack)
+
+Trained by `recipes/poison.py --attack none`, exactly like the trojaned models it is compared with.
+
+{facts}
+"""
+    else:
+        text = f"""---
 tags: [trojaned, backdoor, medic-hf, {family}]
-library_name: {"timm" if family == "timm" else "transformers" if family == "transformers" else "pytorch"}
+library_name: {library}
 ---
 # TROJANED MODEL — for backdoor-removal research only
 
 **This model contains a backdoor on purpose.** Any input stamped with the `{attack.name}` trigger is classified
 as class {attack.target_class}. Do not use it for anything but evaluating defenses.
 
-- architecture: `{script_args.model_name_or_path}` at {script_args.image_size}x{script_args.image_size}
-- data: `{script_args.dataset_name}`, split `{script_args.train_split}`
+{facts}
 - attack: `{json.dumps(attack.to_dict())}` (also in `attack.json`)
-- clean accuracy: {metrics["clean_accuracy"]:.4f} on {metrics["clean_samples"]} test images
 - attack success rate: {metrics["attack_success_rate"]:.4f} on {metrics["backdoor_samples"]} triggered
   non-target test images
 
 Made with `recipes/poison.py` of medic_hf. Remove the backdoor with `recipes/clone.py`.
 """
+    ModelCard(text).save(output_dir / "README.md")
+
+
+def build_attack(script_args: PoisonArguments):
+    """The attack named by --attack with its fields (None for --attack none); unset target -> the attack's default."""
+    if script_args.attack == "none":
+        return None
+    kwargs = dict(poison_rate=script_args.poison_rate, seed=script_args.attack_seed)
+    if script_args.target_class is not None:
+        kwargs["target_class"] = script_args.target_class
+    kwargs.update(json.loads(script_args.attack_kwargs or "{}"))
+    return ATTACKS[script_args.attack](**kwargs)
+
+
+def poison(attack, train, image_column: str, label_column: str, num_classes: int, script_args: PoisonArguments):
+    """Poison the training split; label-consistent PGD runs against the --surrogate model, on its own normalisation."""
+    if attack.name != "label_consistent":
+        return attack.poison_dataset(train, image_column, label_column, num_classes)
+    if not script_args.surrogate:
+        raise SystemExit(
+            "--attack label_consistent needs --surrogate: a clean model folder, e.g. one made with "
+            "`python recipes/poison.py --attack none ...` on the same data."
+        )
+    surrogate = load_model(script_args.surrogate)
+    cfg = resolve_preprocessing(surrogate)
+    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    size = tuple(cfg["input_size"][1:])
+
+    def to_surrogate_input(x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != size:
+            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return (x - mean.to(x.device)) / std.to(x.device)
+
+    return attack.poison_dataset(
+        train, image_column, label_column, num_classes, surrogate=surrogate, transform=to_surrogate_input
     )
-    card.save(output_dir / "README.md")
 
 
 def main(args: list[str] | None = None) -> dict:
     script_args, training_args = parse_args((PoisonArguments, PoisonTrainingArguments), args)
     if script_args.dataset_name is None:
         raise SystemExit("--dataset_name is required (a Hub id or a local parquet / image folder).")
-    if script_args.attack not in ATTACKS:
-        raise SystemExit(f"--attack {script_args.attack!r}: choose one of {sorted(ATTACKS)}.")
+    if script_args.attack != "none" and script_args.attack not in ATTACKS:
+        raise SystemExit(f"--attack {script_args.attack!r}: choose one of {sorted(ATTACKS)} or 'none'.")
     data = load_image_dataset(script_args.dataset_name)
     train, test = data[script_args.train_split], data[script_args.test_split]
     if script_args.max_train_samples:
@@ -136,21 +206,22 @@ def main(args: list[str] | None = None) -> dict:
     image_column, label_column = find_columns(train)
     num_classes = train.features[label_column].num_classes
 
-    attack = ATTACKS[script_args.attack](
-        target_class=script_args.target_class,
-        poison_rate=script_args.poison_rate,
-        seed=script_args.attack_seed,
-        **json.loads(script_args.attack_kwargs or "{}"),
-    )
-    poisoned_train, poisoned_rows = attack.poison_dataset(train, image_column, label_column, num_classes)
-    backdoor_test = attack.backdoor_test_view(test, image_column, label_column)
+    attack = build_attack(script_args)
+    if attack is None:  # a clean baseline, trained exactly like the trojaned models
+        poisoned_train, poisoned_rows, backdoor_test = train, [], None
+    else:
+        poisoned_train, poisoned_rows = poison(attack, train, image_column, label_column, num_classes, script_args)
+        backdoor_test = attack.backdoor_test_view(test, image_column, label_column)
 
     mean, std = channel_stats(train, image_column)
     if script_args.init_from:
         model = load_model(script_args.init_from)
         mean, std = tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"])
     else:
-        model = create_model(script_args.model_name_or_path, num_classes, script_args.image_size, mean, std)
+        model_kwargs = json.loads(script_args.model_kwargs or "{}")
+        model = create_model(
+            script_args.model_name_or_path, num_classes, script_args.image_size, mean, std, **model_kwargs
+        )
     preprocessing = dict(
         input_size=(3, script_args.image_size, script_args.image_size),
         mean=mean,
@@ -184,21 +255,25 @@ def main(args: list[str] | None = None) -> dict:
     trainer.train(resume_from_checkpoint=checkpoint)
 
     clean_preds = trainer.predict(prepared(test, False)).predictions.argmax(-1)
-    backdoor_preds = trainer.predict(prepared(backdoor_test, False)).predictions.argmax(-1)
-    metrics = {
-        "clean_accuracy": clean_accuracy(clean_preds, test[label_column]),
-        "attack_success_rate": attack_success_rate(
-            backdoor_preds, backdoor_test["true_label"], script_args.target_class
-        ),
-        "clean_samples": len(test),
-        "backdoor_samples": len(backdoor_test),
-        "poisoned_rows": len(poisoned_rows),
-        "train_rows": len(train),
-    }
+    metrics = {"clean_accuracy": clean_accuracy(clean_preds, test[label_column])}
+    if attack is not None:
+        backdoor_preds = trainer.predict(prepared(backdoor_test, False)).predictions.argmax(-1)
+        metrics["attack_success_rate"] = attack_success_rate(
+            backdoor_preds, backdoor_test["true_label"], attack.target_class
+        )
+        metrics["backdoor_samples"] = len(backdoor_test)
+    metrics.update(
+        {
+            "clean_samples": len(test),
+            "poisoned_rows": len(poisoned_rows),
+            "train_rows": len(train),
+        }
+    )
     if trainer.is_world_process_zero():
         output_dir = Path(training_args.output_dir)
         trainer.save_model(str(output_dir))
-        attack.save(output_dir)
+        if attack is not None:
+            attack.save(output_dir)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         write_card(output_dir, script_args, attack, metrics, model_family(model))
         print(json.dumps(metrics, indent=2))

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
@@ -62,3 +64,48 @@ def test_poison_then_clone(tmp_path):
     assert saved["hyperparameters"]["num_train_epochs"] == 1
     assert "attack success rate" in (out / "results.md").read_text()
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+def _poison(tmp_path, name, *extra):
+    out = tmp_path / name
+    args = ["--model_name_or_path", "resnet18", "--dataset_name", FIXTURE, "--num_train_epochs", "1"]
+    args += ["--per_device_train_batch_size", "50", "--output_dir", str(out), "--disable_tqdm", "true", *extra]
+    return out, poison.main(args)
+
+
+def test_poison_clean_baseline_with_model_kwargs(tmp_path):
+    from medic_hf.modeling import load_model
+
+    out, metrics = _poison(tmp_path, "clean", "--attack", "none", "--model_kwargs", '{"channels": [8, 16, 24, 32]}')
+    assert "attack_success_rate" not in metrics and metrics["poisoned_rows"] == 0
+    assert not (out / "attack.json").exists()
+    card = (out / "README.md").read_text()
+    assert "Clean baseline" in card and "TROJANED" not in card
+    model = load_model(out)  # the creation kwargs travel in config.json
+    assert model.fc.in_features == 32 and model.layer1[0].conv1.out_channels == 8
+
+
+def test_poison_label_consistent_needs_and_uses_a_surrogate(tmp_path):
+    with pytest.raises(SystemExit, match="--surrogate"):
+        _poison(tmp_path, "lc0", "--attack", "label_consistent")
+    surrogate, _ = _poison(tmp_path, "clean", "--attack", "none", "--model_kwargs", '{"channels": [8, 8, 8, 8]}')
+    kwargs = '{"steps": 2}'
+    out, metrics = _poison(
+        tmp_path,
+        "lc",
+        "--attack",
+        "label_consistent",
+        "--surrogate",
+        str(surrogate),
+        "--attack_kwargs",
+        kwargs,
+        "--model_kwargs",
+        '{"channels": [8, 8, 8, 8]}',
+    )
+    assert metrics["poisoned_rows"] > 0 and "attack_success_rate" in metrics
+    assert json.loads((out / "attack.json").read_text())["steps"] == 2
+
+
+def test_poison_composite_keeps_its_own_target(tmp_path):
+    out, _ = _poison(tmp_path, "composite", "--attack", "composite", "--model_kwargs", '{"channels": [8, 8, 8, 8]}')
+    assert json.loads((out / "attack.json").read_text())["target_class"] == 2

@@ -1,0 +1,110 @@
+"""The attack table of docs/attacks.md: one clean and one trojaned model per attack, trained the same way.
+
+Each model is made by `recipes/poison.py` with `recipes/poison_cifar10_small.yaml` (timm resnet18 at 3/8 width,
+32x32, 20 epochs) on the local CIFAR-10 copy. Label-consistent PGD runs against the clean model, so the clean model is
+trained first. Finished models (a `metrics.json` in their folder) are skipped and an interrupted one resumes from its
+last epoch checkpoint, so the script can be run again until the table is complete:
+
+    python benchmarks/attack_table.py --dataset_name ../shared/data/cifar10
+    python benchmarks/attack_table.py --dataset_name ../shared/data/cifar10 --attacks none badnets   # a subset
+    python benchmarks/attack_table.py --table_only   # rebuild the table from the finished runs
+
+Writes `benchmarks/results/attacks/<config name>/attack_table.{json,md}`: clean accuracy and ASR of each model next
+to the clean model, the targets of the attacks issue, and each model's command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTACKS = ["none", "badnets", "blended", "sig", "wanet", "composite", "label_consistent"]
+# Expected ASR of the attacks issue (fractions); clean accuracy within 3 points of the clean model for all.
+ASR_TARGETS = {"badnets": 0.9, "blended": 0.9, "wanet": 0.9, "sig": 0.8, "label_consistent": 0.8, "composite": 0.7}
+ACC_TOLERANCE = 0.03
+
+
+def folder(attack: str, args: argparse.Namespace) -> Path:
+    return Path(args.runs) / ("clean" if attack == "none" else attack)
+
+
+def command(attack: str, args: argparse.Namespace) -> list[str]:
+    """The recipes/poison.py command line that makes the model for ``attack``."""
+    cmd = ["recipes/poison.py", "--config", args.config, "--dataset_name", args.dataset_name, "--attack", attack]
+    cmd += ["--output_dir", str(folder(attack, args))]
+    if attack == "label_consistent":
+        cmd += ["--surrogate", str(folder("none", args))]
+    return cmd
+
+
+def train(attack: str, args: argparse.Namespace) -> None:
+    out = folder(attack, args)
+    if (out / "metrics.json").exists():
+        print(f"[{attack}] done already: {out}", flush=True)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable] + command(attack, args)
+    print(f"[{attack}] {shlex.join(cmd)}", flush=True)
+    with open(out / "train.log", "a") as log:
+        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def table(args: argparse.Namespace) -> dict:
+    rows = {}
+    for attack in args.attacks:
+        metrics_file = folder(attack, args) / "metrics.json"
+        if metrics_file.exists():
+            rows[attack] = json.loads(metrics_file.read_text())
+            rows[attack]["command"] = "python " + shlex.join(command(attack, args))
+    clean_acc = rows.get("none", {}).get("clean_accuracy")
+    lines = [
+        f"Models: `{args.config}` (one per row), data `{args.dataset_name}`; ASR on the triggered non-target test "
+        "images. Target: the attacks issue's expected ASR, and clean accuracy within 3 points of the clean model.",
+        "",
+        "| attack | clean accuracy | Δ vs clean | ASR | ASR target | meets target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for attack, m in rows.items():
+        acc, asr = m["clean_accuracy"], m.get("attack_success_rate")
+        delta = "" if clean_acc is None or attack == "none" else f"{100 * (acc - clean_acc):+.2f}"
+        target = ASR_TARGETS.get(attack)
+        ok = ""
+        if target is not None and clean_acc is not None:
+            m["meets_target"] = bool(asr >= target and acc >= clean_acc - ACC_TOLERANCE)
+            ok = "yes" if m["meets_target"] else "**no**"
+        name = "clean (no attack)" if attack == "none" else attack
+        asr_text = "" if asr is None else f"{100 * asr:.2f}%"
+        target_text = "" if target is None else f"≥ {100 * target:.0f}%"
+        lines.append(f"| {name} | {100 * acc:.2f}% | {delta} | {asr_text} | {target_text} | {ok} |")
+    lines += ["", "Commands (run from the repository root):", "", "```bash"]
+    lines += [m["command"] for m in rows.values()] + ["```", ""]
+    results = Path(args.results) / Path(args.config).stem
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "attack_table.json").write_text(json.dumps(rows, indent=2))
+    (results / "attack_table.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_name", default="../shared/data/cifar10")
+    parser.add_argument("--config", default="recipes/poison_cifar10_small.yaml")
+    parser.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ATTACKS)
+    parser.add_argument("--runs", default="runs/attacks", help="Where the models go (not committed).")
+    parser.add_argument("--results", default="benchmarks/results/attacks", help="Where the table goes.")
+    parser.add_argument("--table_only", action="store_true", help="Only rebuild the table from finished runs.")
+    args = parser.parse_args(argv)
+    if not args.table_only:
+        for attack in args.attacks:
+            train(attack, args)
+    return table(args)
+
+
+if __name__ == "__main__":
+    main()
