@@ -5,7 +5,7 @@ Each model is made by `recipes/poison.py` with `recipes/poison_cifar10_small.yam
 trained first. Finished models (a `metrics.json` in their folder) are skipped and an interrupted one resumes from its
 last epoch checkpoint, so the script can be run again until the table is complete:
 
-    python benchmarks/attack_table.py --dataset_name ../shared/data/cifar10
+    python benchmarks/attack_table.py --dataset_name ../shared/data/cifar10 --jobs 2
     python benchmarks/attack_table.py --dataset_name ../shared/data/cifar10 --attacks none badnets   # a subset
     python benchmarks/attack_table.py --table_only   # rebuild the table from the finished runs
 
@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,11 +50,18 @@ def train(attack: str, args: argparse.Namespace) -> None:
     if (out / "metrics.json").exists():
         print(f"[{attack}] done already: {out}", flush=True)
         return
+    if attack == "label_consistent":  # its PGD needs the finished clean model
+        while not (folder("none", args) / "metrics.json").exists():
+            time.sleep(30)
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable] + command(attack, args)
-    print(f"[{attack}] {shlex.join(cmd)}", flush=True)
+    # One thread per job: oversubscribed OpenMP threads slow every job down many times over.
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    print(f"[{attack}] OMP_NUM_THREADS={threads} {shlex.join(cmd)}", flush=True)
     with open(out / "train.log", "a") as log:
-        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    print(f"[{attack}] finished", flush=True)
 
 
 def table(args: argparse.Namespace) -> dict:
@@ -98,11 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ATTACKS)
     parser.add_argument("--runs", default="runs/attacks", help="Where the models go (not committed).")
     parser.add_argument("--results", default="benchmarks/results/attacks", help="Where the table goes.")
+    parser.add_argument("--jobs", type=int, default=1, help="Models trained at once (CPU cores are split).")
     parser.add_argument("--table_only", action="store_true", help="Only rebuild the table from finished runs.")
     args = parser.parse_args(argv)
     if not args.table_only:
-        for attack in args.attacks:
-            train(attack, args)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda attack: train(attack, args), args.attacks))  # list() re-raises a failed job
     return table(args)
 
 

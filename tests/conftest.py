@@ -10,7 +10,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# At most 2 threads; OMP_NUM_THREADS=1 wins (oversubscribed threads run the suite many times slower when a
+# training job holds the cores).
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS", 2)))))
 
 
 def pixel_dataset(n: int = 16, num_classes: int = 10, size: int = 32, seed: int = 0) -> datasets.Dataset:

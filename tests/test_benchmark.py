@@ -1,0 +1,84 @@
+"""recipes/benchmark.py end to end on a tiny grid: two attacks x two defenses, then a resume after a crash."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import benchmark  # noqa: E402
+
+FIXTURE = str(ROOT / "tests" / "fixtures" / "cifar_tiny")
+POISON_ARGS = (
+    "--num_train_epochs 1 --per_device_train_batch_size 50 --disable_tqdm true "
+    """--model_kwargs '{"channels": [8, 8, 8, 8]}'"""
+)
+DEFENSE_KWARGS = {
+    "ft": {"epochs": 1, "batch_size": 25, "show_progress": False},
+    "medic": {"num_train_epochs": 1, "per_device_train_batch_size": 25, "save_strategy": "no", "disable_tqdm": True},
+}
+
+
+def _args(tmp_path):
+    return [
+        "--dataset_name", FIXTURE,
+        "--attacks", "badnets", "blended",
+        "--defenses", "ft", "medic",
+        "--seeds", "0",
+        "--clean_fraction", "0.5",
+        "--poison_args", POISON_ARGS,
+        "--defense_kwargs", json.dumps(DEFENSE_KWARGS),
+        "--models_dir", str(tmp_path / "models"),
+        "--work_dir", str(tmp_path / "work"),
+        "--output_dir", str(tmp_path / "results"),
+    ]  # fmt: skip
+
+
+def test_benchmark_tiny_grid_resumes_after_a_crash(tmp_path, monkeypatch):
+    medic, medic_config = benchmark.DEFENSES["medic"]
+    calls = []
+
+    def crash_on_blended(model, clean, config):
+        calls.append(1)
+        if len(calls) == 2:  # the second MEDIC cell (blended) dies, as a killed run would
+            raise KeyboardInterrupt
+        return medic(model, clean, config)
+
+    monkeypatch.setitem(benchmark.DEFENSES, "medic", (crash_on_blended, medic_config))
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(_args(tmp_path))
+    cells = tmp_path / "results" / "cells"
+    done = sorted(str(p.relative_to(cells)) for p in cells.rglob("seed0.json"))
+    assert done == ["badnets/ft/seed0.json", "badnets/medic/seed0.json", "blended/ft/seed0.json"]
+    stamps = {p: (cells / p).stat().st_mtime_ns for p in done}
+    model_stamp = (tmp_path / "models" / "badnets" / "model.safetensors").stat().st_mtime_ns
+
+    monkeypatch.setitem(benchmark.DEFENSES, "medic", (medic, medic_config))
+    results = benchmark.main(_args(tmp_path))
+    assert len(results["cells"]) == 4
+    # Finished cells and cached trojaned models are reused, not recomputed.
+    assert all((cells / p).stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+    assert (tmp_path / "models" / "badnets" / "model.safetensors").stat().st_mtime_ns == model_stamp
+    for cell in results["cells"]:
+        assert set(cell["after"]) == {"clean_accuracy", "attack_success_rate", "robust_accuracy"}
+        assert 0.0 <= cell["der"] <= 1.0
+        before, after = cell["before"], cell["after"]
+        expected = (
+            max(0, before["attack_success_rate"] - after["attack_success_rate"])
+            - max(0, before["clean_accuracy"] - after["clean_accuracy"])
+            + 1
+        ) / 2
+        assert cell["der"] == pytest.approx(expected)
+    table = (tmp_path / "results" / "results.md").read_text()
+    assert "| badnets |" in table and "medic ASR" in table and "**mean**" in table
+    assert (tmp_path / "results" / "results.png").stat().st_size > 0
+
+
+def test_benchmark_rejects_unknown_defense_fields(tmp_path):
+    args = _args(tmp_path)
+    args[args.index("--defense_kwargs") + 1] = json.dumps({"ft": {"epochz": 1}})
+    with pytest.raises(SystemExit, match="epochz"):
+        benchmark.main(args + ["--attacks", "badnets", "--defenses", "ft"])
