@@ -156,6 +156,10 @@ def build_model_card(
         )
 
 
+# Trainer checkpoints (optimizer state, for resuming) stay local; the Hub gets the model, its card and results.
+CHECKPOINT_PATTERNS = ["checkpoint-*"]
+
+
 def push_folder_to_hub(
     folder: str | Path,
     repo_id: str,
@@ -167,8 +171,9 @@ def push_folder_to_hub(
 ) -> str:
     """Upload a saved model folder to a Hub model repo (created if needed) and return the repo URL.
 
-    The folder is only read. On any failure a ``RuntimeError`` explains that the local copy is intact and how to
-    retry, so hours of cloning are never lost to a network or permission problem.
+    The folder is only read; its Trainer ``checkpoint-*`` folders are not uploaded. On any failure a
+    ``RuntimeError`` explains that the local copy is intact and how to retry, so hours of cloning are never lost
+    to a network or permission problem.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -187,6 +192,7 @@ def push_folder_to_hub(
             commit_message=commit_message,
             revision=revision,
             repo_type="model",
+            ignore_patterns=CHECKPOINT_PATTERNS,
         )
     except Exception as exc:
         raise RuntimeError(

@@ -163,6 +163,7 @@ def test_push_folder_to_hub_creates_repo_and_uploads(saved_folder):
         commit_message="Upload MEDIC-sanitized model",
         revision=None,
         repo_type="model",
+        ignore_patterns=["checkpoint-*"],
     )
     api.create_branch.assert_not_called()
     assert url == "https://huggingface.co/me/sanitized"
@@ -199,3 +200,12 @@ def test_push_folder_to_hub_requires_existing_folder(tmp_path):
     with mock.patch("medic_hf.hub.HfApi") as hf_api, pytest.raises(FileNotFoundError):
         push_folder_to_hub(tmp_path / "missing", "me/sanitized")
     hf_api.assert_not_called()
+
+
+def test_checkpoint_pattern_leaves_out_every_checkpoint_file():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from medic_hf.hub import CHECKPOINT_PATTERNS
+
+    files = ["model.safetensors", "README.md", "checkpoint-1320/optimizer.pt", "checkpoint-7/trainer_state.json"]
+    assert list(filter_repo_objects(files, ignore_patterns=CHECKPOINT_PATTERNS)) == ["model.safetensors", "README.md"]

@@ -109,3 +109,20 @@ def test_poison_label_consistent_needs_and_uses_a_surrogate(tmp_path):
 def test_poison_composite_keeps_its_own_target(tmp_path):
     out, _ = _poison(tmp_path, "composite", "--attack", "composite", "--model_kwargs", '{"channels": [8, 8, 8, 8]}')
     assert json.loads((out / "attack.json").read_text())["target_class"] == 2
+
+
+def test_embedded_demo_runs_offline_from_its_config(tmp_path, monkeypatch):
+    """The README's main command on the committed demo, shortened to one epoch on 100 test images."""
+    demo = ROOT / "demo"
+    assert (demo / "resnet18-badnets" / "model.safetensors").stat().st_size <= 10 * 2**20
+    assert sum(p.stat().st_size for p in (demo / "cifar10-slice").glob("*.parquet")) <= 2 * 2**20
+    monkeypatch.chdir(ROOT)  # the config's paths are relative to the repository root, where the README runs it
+    out = tmp_path / "demo"
+    results = clone.main(
+        ["--config", "recipes/demo.yaml", "--num_train_epochs", "1", "--max_eval_samples", "100"]
+        + ["--output_dir", str(out), "--disable_tqdm", "true"]
+    )
+    assert results["clean_samples"] == 1400
+    assert results["before"]["attack_success_rate"] > 0.9  # the committed model is trojaned (99.3% on the slice)
+    assert results["before"]["clean_accuracy"] > 0.7
+    assert (out / "model.safetensors").is_file() and "Attack success rate" in (out / "README.md").read_text()
