@@ -9,6 +9,11 @@ robust accuracy and DER are measured on the test split. Every finished cell is a
     # the CPU preset: a small timm resnet18, every attack and defense, one seed (run it again to continue)
     python recipes/benchmark.py --config recipes/benchmark_cpu.yaml
 
+    # the same on 2 cores, as two processes on halves of the grid (cells are separate files; then --report_only)
+    OMP_NUM_THREADS=1 python recipes/benchmark.py --config recipes/benchmark_cpu.yaml --attacks badnets blended sig &
+    OMP_NUM_THREADS=1 python recipes/benchmark.py --config recipes/benchmark_cpu.yaml \
+        --attacks wanet label_consistent composite
+
     # part of the grid, e.g. two attacks and two defenses
     python recipes/benchmark.py --config recipes/benchmark_cpu.yaml --attacks badnets sig --defenses medic ft
 
