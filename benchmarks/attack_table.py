@@ -26,9 +26,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ATTACKS = ["none", "badnets", "blended", "sig", "wanet", "composite", "label_consistent", "sig-pr0.05"]
+ATTACKS = [
+    "none",
+    "badnets",
+    "blended",
+    "sig",
+    "wanet",
+    "composite",
+    "label_consistent",
+    "sig-pr0.05",
+    "wanet-no-noise",
+]
 # Rows that are an attack with other settings: row name -> (attack, extra recipes/poison.py flags).
-VARIANTS = {"sig-pr0.05": ("sig", ["--poison_rate", "0.05"])}
+VARIANTS = {
+    "sig-pr0.05": ("sig", ["--poison_rate", "0.05"]),  # half the target class stamped instead of all of it
+    "wanet-no-noise": ("wanet", ["--attack_kwargs", '{"cross_ratio": 0}']),  # no noise-mode rows
+}
 # Expected ASR of the attacks issue (fractions); clean accuracy within 3 points of the clean model for all.
 ASR_TARGETS = {"badnets": 0.9, "blended": 0.9, "wanet": 0.9, "sig": 0.8, "label_consistent": 0.8, "composite": 0.7}
 ACC_TOLERANCE = 0.03
