@@ -36,11 +36,13 @@ ATTACKS = [
     "label_consistent",
     "sig-pr0.05",
     "wanet-no-noise",
+    "label_consistent-4corners",
 ]
 # Rows that are an attack with other settings: row name -> (attack, extra recipes/poison.py flags).
 VARIANTS = {
     "sig-pr0.05": ("sig", ["--poison_rate", "0.05"]),  # half the target class stamped instead of all of it
     "wanet-no-noise": ("wanet", ["--attack_kwargs", '{"cross_ratio": 0}']),  # no noise-mode rows
+    "label_consistent-4corners": ("label_consistent", ["--attack_kwargs", '{"corners": "all"}']),  # BackdoorBench
 }
 # Expected ASR of the attacks issue (fractions); clean accuracy within 3 points of the clean model for all.
 ASR_TARGETS = {"badnets": 0.9, "blended": 0.9, "wanet": 0.9, "sig": 0.8, "label_consistent": 0.8, "composite": 0.7}
@@ -56,7 +58,7 @@ def command(attack: str, args: argparse.Namespace) -> list[str]:
     name, extra = VARIANTS.get(attack, (attack, []))
     cmd = ["recipes/poison.py", "--config", args.config, "--dataset_name", args.dataset_name, "--attack", name]
     cmd += extra + ["--output_dir", str(folder(attack, args))]
-    if attack == "label_consistent":
+    if name == "label_consistent":
         cmd += ["--surrogate", str(folder("none", args))]
     return cmd
 
@@ -66,7 +68,7 @@ def train(attack: str, args: argparse.Namespace) -> None:
     if (out / "metrics.json").exists():
         print(f"[{attack}] done already: {out}", flush=True)
         return
-    if attack == "label_consistent":  # its PGD needs the finished clean model
+    if attack.startswith("label_consistent"):  # its PGD needs the finished clean model
         while not (folder("none", args) / "metrics.json").exists():
             time.sleep(30)
     out.mkdir(parents=True, exist_ok=True)
