@@ -131,8 +131,10 @@ def finish(repaired: nn.Module, like: nn.Module, report: dict[str, Any]) -> nn.M
     return repaired
 
 
-def has_conv2d(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+def require_conv2d(model: nn.Module, needs: str, instead: str) -> None:
+    """Raise the ValueError of a defense that ``needs`` convolutions, naming what to use ``instead``."""
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise ValueError(f"{needs}, but {type(model).__name__} has no nn.Conv2d. Use {instead} instead.")
 
 
 def functional_logits(model: nn.Module, params: dict[str, torch.Tensor], pixel_values: torch.Tensor) -> torch.Tensor:

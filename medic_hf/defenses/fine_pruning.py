@@ -30,8 +30,8 @@ from ._training import (
     copy_model,
     finish,
     fit_cross_entropy,
-    has_conv2d,
     make_eval_loader,
+    require_conv2d,
     resolve_device,
     seed_everything,
     split_clean_data,
@@ -187,11 +187,11 @@ def fine_prune(model: nn.Module, clean_data, config: FinePruningConfig | None = 
     held-out clean accuracy before and after pruning, and the fine-tuning ``losses``.
     """
     config = FinePruningConfig() if config is None else config
-    if not has_conv2d(model):
-        raise ValueError(
-            f"Fine-pruning prunes channels of the last convolutional layer, but {type(model).__name__} has no "
-            "nn.Conv2d. Use fine_tune, nad (if it has conv feature maps) or medic instead."
-        )
+    require_conv2d(
+        model,
+        "Fine-pruning prunes channels of the last convolutional layer",
+        "fine_tune, nad (if it has conv feature maps) or medic",
+    )
     seed_everything(config.seed)
     device = resolve_device(config)
     repaired = copy_model(model).to(device)

@@ -29,9 +29,9 @@ from ._training import (
     copy_model,
     finish,
     fit_cross_entropy,
-    has_conv2d,
     make_loader,
     prepare_clean_data,
+    require_conv2d,
     resolve_device,
     seed_everything,
     train_loop,
@@ -177,11 +177,7 @@ def nad(model: nn.Module, clean_data, config: NADConfig | None = None) -> nn.Mod
     ``defense_report``: ``layers``, ``betas``, ``teacher_losses`` and ``losses`` (mean per epoch).
     """
     config = NADConfig() if config is None else config
-    if not has_conv2d(model):
-        raise ValueError(
-            f"NAD distils attention maps of convolutional feature maps, but {type(model).__name__} has no "
-            "nn.Conv2d. Use fine_tune or medic instead."
-        )
+    require_conv2d(model, "NAD distils attention maps of convolutional feature maps", "fine_tune or medic")
     seed_everything(config.seed)
     device = resolve_device(config)
     student = copy_model(model).to(device)
