@@ -26,6 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+from benchmark import ATTACK_VARIANTS, model_folder, poison_flags  # noqa: E402  (one source for the poison command)
+
 ATTACKS = [
     "none",
     "badnets",
@@ -37,30 +40,21 @@ ATTACKS = [
     "sig-pr0.05",
     "wanet-no-noise",
     "label_consistent-4corners",
+    "label_consistent-4corners-pr0.05",
+    "composite-append",
 ]
-# Rows that are an attack with other settings: row name -> (attack, extra recipes/poison.py flags).
-VARIANTS = {
-    "sig-pr0.05": ("sig", ["--poison_rate", "0.05"]),  # half the target class stamped instead of all of it
-    "wanet-no-noise": ("wanet", ["--attack_kwargs", '{"cross_ratio": 0}']),  # no noise-mode rows
-    "label_consistent-4corners": ("label_consistent", ["--attack_kwargs", '{"corners": "all"}']),  # BackdoorBench
-}
 # Expected ASR of the attacks issue (fractions); clean accuracy within 3 points of the clean model for all.
 ASR_TARGETS = {"badnets": 0.9, "blended": 0.9, "wanet": 0.9, "sig": 0.8, "label_consistent": 0.8, "composite": 0.7}
 ACC_TOLERANCE = 0.03
 
 
 def folder(attack: str, args: argparse.Namespace) -> Path:
-    return Path(args.runs) / ("clean" if attack == "none" else attack)
+    return model_folder(args.runs, attack)
 
 
 def command(attack: str, args: argparse.Namespace) -> list[str]:
     """The recipes/poison.py command line that makes the model for ``attack``."""
-    name, extra = VARIANTS.get(attack, (attack, []))
-    cmd = ["recipes/poison.py", "--config", args.config, "--dataset_name", args.dataset_name, "--attack", name]
-    cmd += extra + ["--output_dir", str(folder(attack, args))]
-    if name == "label_consistent":
-        cmd += ["--surrogate", str(folder("none", args))]
-    return cmd
+    return ["recipes/poison.py", *poison_flags(attack, args.runs, args.config, args.dataset_name)]
 
 
 def train(attack: str, args: argparse.Namespace) -> None:
@@ -100,7 +94,7 @@ def table(args: argparse.Namespace) -> dict:
     for attack, m in rows.items():
         acc, asr = m["clean_accuracy"], m.get("attack_success_rate")
         delta = "" if clean_acc is None or attack == "none" else f"{100 * (acc - clean_acc):+.2f}"
-        target = ASR_TARGETS.get(VARIANTS.get(attack, (attack,))[0])
+        target = ASR_TARGETS.get(ATTACK_VARIANTS.get(attack, (attack,))[0])
         ok = ""
         if target is not None and clean_acc is not None:
             m["meets_target"] = bool(asr >= target and acc >= clean_acc - ACC_TOLERANCE)

@@ -58,6 +58,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import poison  # noqa: E402  (the sibling recipe that trains the trojaned models)
 
 ALL_ATTACKS = ["badnets", "blended", "sig", "wanet", "label_consistent", "composite"]
+# Models that are an attack with other settings (rows of the attack table, usable as benchmark attacks):
+# name -> (attack, extra recipes/poison.py flags).
+ATTACK_VARIANTS = {
+    "sig-pr0.05": ("sig", ["--poison_rate", "0.05"]),  # half the target class stamped instead of all of it
+    "wanet-no-noise": ("wanet", ["--attack_kwargs", '{"cross_ratio": 0}']),  # no noise-mode rows
+    "label_consistent-4corners": ("label_consistent", ["--attack_kwargs", '{"corners": "all"}']),  # BackdoorBench
+    # four corners, half the target class perturbed and stamped (as sig-pr0.05)
+    "label_consistent-4corners-pr0.05": (
+        "label_consistent",
+        ["--attack_kwargs", '{"corners": "all"}', "--poison_rate", "0.05"],
+    ),
+    # the mixtures added to the set instead of replacing rows, so every original image is still trained on
+    "composite-append": ("composite", ["--attack_kwargs", '{"append": true}']),
+}
 ALL_DEFENSES = ["ft", "fp", "nad", "anp", "mcr", "scratch", "kd", "clone", "medic"]
 
 
@@ -66,7 +80,10 @@ class BenchmarkArguments:
     dataset_name: str = field(
         default="../shared/data/cifar10", metadata={"help": "A Hub data set id or a local parquet / image folder."}
     )
-    attacks: list[str] = field(default_factory=lambda: list(ALL_ATTACKS), metadata={"help": "Attacks to run."})
+    attacks: list[str] = field(
+        default_factory=lambda: list(ALL_ATTACKS),
+        metadata={"help": f"Attacks to run: of {ALL_ATTACKS} or the variants {sorted(ATTACK_VARIANTS)}."},
+    )
     defenses: list[str] = field(
         default_factory=lambda: list(ALL_DEFENSES), metadata={"help": f"Defenses to run, of {ALL_DEFENSES}."}
     )
@@ -105,21 +122,31 @@ class BenchmarkArguments:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def model_folder(args: BenchmarkArguments, attack: str) -> Path:
-    return Path(args.models_dir) / ("clean" if attack == "none" else attack)
+def model_folder(models_dir: str | Path, attack: str) -> Path:
+    """The model trojaned by ``attack`` (``"none"``: the clean model, also the label-consistent surrogate)."""
+    return Path(models_dir) / ("clean" if attack == "none" else attack)
+
+
+def poison_flags(attack: str, models_dir: str | Path, poison_config: str, dataset_name: str) -> list[str]:
+    """The recipes/poison.py flags that make the model of ``attack`` (an attack, a variant or "none")."""
+    name, extra = ATTACK_VARIANTS.get(attack, (attack, []))
+    flags = ["--config", poison_config, "--dataset_name", dataset_name, "--attack", name, *extra]
+    flags += ["--output_dir", str(model_folder(models_dir, attack))]
+    if name == "label_consistent":
+        flags += ["--surrogate", str(model_folder(models_dir, "none"))]
+    return flags
 
 
 def trojaned_model(args: BenchmarkArguments, attack: str) -> Path:
     """The folder of the model trojaned by ``attack``, trained by recipes/poison.py unless it is there already."""
-    folder = model_folder(args, attack)
+    folder = model_folder(args.models_dir, attack)
     if (folder / "metrics.json").exists():
         return folder
-    if attack == "label_consistent":
+    if ATTACK_VARIANTS.get(attack, (attack,))[0] == "label_consistent":
         trojaned_model(args, "none")  # the surrogate its PGD runs against
-    flags = ["--config", args.poison_config, "--dataset_name", args.dataset_name, "--attack", attack]
-    flags += ["--output_dir", str(folder)] + shlex.split(args.poison_args)
-    if attack == "label_consistent":
-        flags += ["--surrogate", str(model_folder(args, "none"))]
+    flags = poison_flags(attack, args.models_dir, args.poison_config, args.dataset_name) + shlex.split(
+        args.poison_args
+    )
     print(f"[benchmark] training the {attack} model: recipes/poison.py {shlex.join(flags)}", flush=True)
     poison.main(flags)
     return folder
@@ -241,6 +268,11 @@ def run_grid(args: BenchmarkArguments) -> None:
     unknown = sorted(set(args.defenses) - set(DEFENSES)) + sorted(set(kwargs) - set(DEFENSES))
     if unknown:
         raise SystemExit(f"Unknown defenses {unknown}; choose from {sorted(DEFENSES)}.")
+    unknown = sorted(set(args.attacks) - set(ALL_ATTACKS) - set(ATTACK_VARIANTS))
+    if unknown:
+        raise SystemExit(
+            f"Unknown attacks {unknown}; choose from {ALL_ATTACKS} or the variants {sorted(ATTACK_VARIANTS)}."
+        )
     for defense in args.defenses:  # bad --defense_kwargs fail now, not after the first trojaned model is trained
         defense_config(defense, 0, Path(args.work_dir), kwargs)
     dataset = load_image_dataset(args.dataset_name)

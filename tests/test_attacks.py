@@ -408,3 +408,36 @@ def test_badnets_white_pattern_is_a_solid_square():
     assert attack_from_dict(attack.to_dict()) == attack
     with pytest.raises(ValueError, match="pattern"):
         BadNets(pattern="stripes")
+
+
+def test_composite_append_keeps_every_original_row(ds):
+    attack = Composite(mix_rate=0.3, append=True, layout="side_by_side", jitter=0, shake=False)
+    out, rows = attack.poison_dataset(ds)
+    n = len(ds)
+    assert len(out) == n + 10 + 30  # 10% poison and 30% same-class mixtures of the 100-row set, appended
+    assert np.array_equal(pixels(out)[:n], pixels(ds)) and out["label"][:n] == ds["label"]
+    assert not any(out["poisoned"][:n]) and not any(out["mixed_clean"][:n])
+    assert rows == list(range(n, n + 10)) and np.flatnonzero(out["poisoned"]).tolist() == rows
+    assert np.flatnonzero(out["mixed_clean"]).tolist() == list(range(n + 10, n + 40))
+    labels, source_labels = np.asarray(out["label"]), np.asarray(ds["label"])
+    assert np.all(labels[rows] == attack.target_class)
+    assert out.features["img"] == ds.features["img"] and out.features["label"] == ds.features["label"]
+    # Without jitter or shake, a mixture is the central half of one image next to the central half of another
+    # (in either order): poison rows pair a class-A image with a class-B one, mixed-clean rows two of their class.
+    images = pixels(ds)
+    width = images.shape[2]
+
+    def classes_of(half: np.ndarray) -> set[int]:
+        centre = slice(width // 4, 3 * width // 4)
+        return {int(source_labels[k]) for k in range(n) if np.array_equal(images[k][:, centre], half)}
+
+    for row in range(n, n + 40):
+        mixed = np.asarray(out[row]["img"])
+        left, right = classes_of(mixed[:, : width // 2]), classes_of(mixed[:, width // 2 :])
+        if row < n + 10:
+            a, b = attack.class_a, attack.class_b
+            assert (a in left and b in right) or (b in left and a in right)
+        else:
+            assert labels[row] in left and labels[row] in right
+    again, _ = Composite(mix_rate=0.3, append=True, layout="side_by_side", jitter=0, shake=False).poison_dataset(ds)
+    assert np.array_equal(pixels(again), pixels(out))

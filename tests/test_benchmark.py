@@ -82,3 +82,21 @@ def test_benchmark_rejects_unknown_defense_fields(tmp_path):
     args[args.index("--defense_kwargs") + 1] = json.dumps({"ft": {"epochz": 1}})
     with pytest.raises(SystemExit, match="epochz"):
         benchmark.main(args + ["--attacks", "badnets", "--defenses", "ft"])
+
+
+def test_benchmark_rejects_unknown_attacks(tmp_path):
+    with pytest.raises(SystemExit, match="badnet.*choose from"):
+        benchmark.main(_args(tmp_path) + ["--attacks", "badnet"])
+
+
+def test_attack_variants_make_their_own_poison_command():
+    flags = benchmark.poison_flags("label_consistent-4corners-pr0.05", "models", "poison.yaml", "data")
+    assert flags == [
+        "--config", "poison.yaml", "--dataset_name", "data", "--attack", "label_consistent",
+        "--attack_kwargs", '{"corners": "all"}', "--poison_rate", "0.05",
+        "--output_dir", "models/label_consistent-4corners-pr0.05", "--surrogate", "models/clean",
+    ]  # fmt: skip
+    assert benchmark.poison_flags("badnets", "models", "poison.yaml", "data")[-2:] == [
+        "--output_dir",
+        "models/badnets",
+    ]

@@ -106,9 +106,16 @@ def test_poison_label_consistent_needs_and_uses_a_surrogate(tmp_path):
     assert json.loads((out / "attack.json").read_text())["steps"] == 2
 
 
-def test_poison_composite_keeps_its_own_target(tmp_path):
-    out, _ = _poison(tmp_path, "composite", "--attack", "composite", "--model_kwargs", '{"channels": [8, 8, 8, 8]}')
-    assert json.loads((out / "attack.json").read_text())["target_class"] == 2
+@pytest.mark.parametrize("append", [False, True])
+def test_poison_composite_keeps_its_own_target(tmp_path, append):
+    kwargs = json.dumps({"append": append})
+    model = '{"channels": [8, 8, 8, 8]}'
+    out, metrics = _poison(
+        tmp_path, "composite", "--attack", "composite", "--attack_kwargs", kwargs, "--model_kwargs", model
+    )
+    saved = json.loads((out / "attack.json").read_text())
+    assert saved["target_class"] == 2 and saved["append"] is append
+    assert metrics["poisoned_rows"] > 0 and "attack_success_rate" in metrics
 
 
 def test_embedded_demo_runs_offline_from_its_config(tmp_path, monkeypatch):

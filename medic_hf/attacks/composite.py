@@ -66,6 +66,10 @@ class Composite(Attack):
         layout: ``"random"`` (HalfMixer ``vertical=None``), ``"side_by_side"`` or ``"stacked"``.
         jitter: maximum seam shift in pixels on a 32 px image (HalfMixer ``jitter=3``).
         shake: random source windows (HalfMixer ``shake=True``).
+        append: add the mixtures to the set instead of replacing rows, so that every original image is still seen
+            each epoch (the authors resample ``normal_rate=0.5`` of the originals every epoch, so they see them all
+            over training; replacing fixed rows hides ``poison_rate + mix_rate`` of them for good). The set grows to
+            ``(1 + poison_rate + mix_rate) * len(ds)`` rows; the mixtures are the last rows.
     """
 
     name: ClassVar[str] = "composite"
@@ -78,6 +82,7 @@ class Composite(Attack):
     layout: str = "random"
     jitter: int = 3
     shake: bool = True
+    append: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -183,6 +188,8 @@ class Composite(Attack):
         """
         check_columns(ds, image_column, label_column)
         self._check_target(num_classes_of(ds, label_column, num_classes))
+        if self.append:
+            return self._append_mixtures(ds, image_column, label_column)
         labels = np.asarray(ds[label_column])
         rows_a = self._rows_of(labels, self.class_a, "training")
         rows_b = self._rows_of(labels, self.class_b, "training")
@@ -209,6 +216,46 @@ class Composite(Attack):
             flags={"poisoned": poisoned, "mixed_clean": mixed},
         )
         return out, poisoned
+
+    def _append_mixtures(
+        self, ds: datasets.Dataset, image_column: str, label_column: str
+    ) -> tuple[datasets.Dataset, list[int]]:
+        """``ds`` untouched, followed by ``num_poison`` A+B mixtures labelled C and ``mix_rate`` same-class ones."""
+        labels = np.asarray(ds[label_column])
+        rows_a = self._rows_of(labels, self.class_a, "training")
+        rows_b = self._rows_of(labels, self.class_b, "training")
+        rng = np.random.default_rng([self.seed, 2])
+        num_poison = self.num_poison(len(labels))
+        num_mixed = round_half_up(self.mix_rate * len(labels))
+        sources = [(int(a), int(b)) for a, b in zip(rng.choice(rows_a, num_poison), rng.choice(rows_b, num_poison))]
+        by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
+        for i in rng.choice(len(labels), size=num_mixed, replace=False):
+            sources.append((int(i), int(rng.choice(by_class[int(labels[i])]))))
+        # The new rows start as copies of their first source (so they carry its label and other columns).
+        extra = ds.select([first for first, _ in sources])
+        partners = {v: pair for v, pair in enumerate(sources)}
+        raw = ds.cast_column(image_column, datasets.Image(decode=False))
+
+        def stamp(indices, images):
+            second = [decode_image(raw[partners[v][1]][image_column]) for v in indices]
+            return [
+                self.mix(image, other, rng=row_rng(self.seed, v, stream=3))
+                for v, image, other in zip(indices, images, second, strict=True)
+            ]
+
+        poison_view = list(range(num_poison))
+        extra = rewrite_rows(
+            extra,
+            image_column=image_column,
+            label_column=label_column,
+            stamp=stamp,
+            stamp_rows=range(len(extra)),
+            relabel={v: self.target_class for v in poison_view},
+            flags={"poisoned": poison_view, "mixed_clean": range(num_poison, len(extra))},
+        )
+        original = ds.add_column("poisoned", [False] * len(ds)).add_column("mixed_clean", [False] * len(ds))
+        out = datasets.concatenate_datasets([original.cast(extra.features), extra])
+        return out, [len(ds) + v for v in poison_view]
 
     def backdoor_test_view(
         self, ds: datasets.Dataset, image_column: str = "img", label_column: str = "label"
