@@ -42,6 +42,8 @@ SETTINGS = {
     "wd5e-4": ["--weight_decay", "5e-4"],
     "cutoff1": ["--importance_cutoff", "1.0"],
     "clean_subset1": ["--data_seed_clean", "1"],
+    "no_last_stage": ["--exclude_modules", "layer4.*"],  # the last stage (timm ResNet) learned from labels only
+    "epochs30": ["--num_train_epochs", "30"],
 }
 
 

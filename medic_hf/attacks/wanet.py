@@ -37,7 +37,7 @@ class WaNet(Attack):
     learns the specific warp rather than "any warp". They are flagged in a ``noise_mode`` column.
 
     Unlike BackdoorBench, which re-draws poisoned samples in every batch, the poisoned and noise rows are fixed once
-    (from the seed) and the warp is applied to the stored image, before augmentation.
+    (from the seed) and the warp is applied to the stored image; augmentation comes after the warp in both.
 
     Attributes:
         k: side of the random control grid (BackdoorBench ``k: 4``).
