@@ -44,6 +44,9 @@ SETTINGS = {
     "clean_subset1": ["--data_seed_clean", "1"],
     "no_last_stage": ["--exclude_modules", "layer4.*"],  # the last stage (timm ResNet) learned from labels only
     "epochs30": ["--num_train_epochs", "30"],
+    # the impact term made to select (its raw values are ~0, so softmax(τ·g) is uniform): unit RMS, mild τ
+    "impact_rms_t1": ["--impact_scale", "rms", "--impact_temperature", "1"],
+    "impact_rms_t2": ["--impact_scale", "rms", "--impact_temperature", "2"],
 }
 
 

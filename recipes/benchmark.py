@@ -10,9 +10,14 @@ robust accuracy and DER are measured on the test split. Every finished cell is a
     python recipes/benchmark.py --config recipes/benchmark_cpu.yaml
 
     # the same on 2 cores, as two processes on halves of the grid (cells are separate files; then --report_only)
-    OMP_NUM_THREADS=1 python recipes/benchmark.py --config recipes/benchmark_cpu.yaml --attacks badnets blended sig &
     OMP_NUM_THREADS=1 python recipes/benchmark.py --config recipes/benchmark_cpu.yaml \
-        --attacks wanet label_consistent composite
+        --attacks badnets blended sig-pr0.05 &
+    OMP_NUM_THREADS=1 python recipes/benchmark.py --config recipes/benchmark_cpu.yaml \
+        --attacks wanet label_consistent-4corners-pr0.05 composite-append
+
+    # one defense with other settings, in its own output folder (an ablation)
+    python recipes/benchmark.py --config recipes/benchmark_cpu.yaml --defenses medic \
+        --defense_kwargs '{"medic": {"temperature": 10}}' --output_dir benchmarks/results/medic_ablation/tau10
 
     # part of the grid, e.g. two attacks and two defenses
     python recipes/benchmark.py --config recipes/benchmark_cpu.yaml --attacks badnets sig --defenses medic ft

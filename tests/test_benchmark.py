@@ -100,3 +100,27 @@ def test_attack_variants_make_their_own_poison_command():
         "--output_dir",
         "models/badnets",
     ]
+
+
+def test_medic_ablation_summary_applies_the_targets_to_every_attack(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import medic_ablation
+
+    def cell(setting, attack, acc_after, asr_after, epochs):
+        path = tmp_path / setting / "cells" / attack / "medic" / "seed0.json"
+        path.parent.mkdir(parents=True)
+        before = {"clean_accuracy": 0.78, "attack_success_rate": 0.99}
+        after = {"clean_accuracy": acc_after, "attack_success_rate": asr_after}
+        config = {"num_train_epochs": epochs, "temperature": 5.0}
+        path.write_text(json.dumps({"attack": attack, "before": before, "after": after, "config": config}))
+
+    cell("short", "badnets", 0.76, 0.05, 30)  # 2 points lost, 5% ASR
+    cell("short", "sig", 0.7525, 0.10, 30)  # 2.75 points lost, 10% ASR: both targets met at the boundary
+    cell("long", "badnets", 0.77, 0.40, 60)  # the backdoor is back
+    cell("long", "sig", 0.74, 0.02, 60)  # 4 points lost
+    summary = medic_ablation.main(["--root", str(tmp_path)])
+    assert summary["short"]["meets_targets"] and not summary["long"]["meets_targets"]
+    assert summary["long"]["mean_accuracy_drop"] == pytest.approx((0.01 + 0.04) / 2)
+    assert summary["long"]["max_asr_after"] == 0.40
+    table = (tmp_path / "summary.md").read_text()
+    assert "| badnets | 1.00 / 40.00 | 2.00 / 5.00 |" in table and "| epochs, τ | 60, 5 | 30, 5 |" in table
