@@ -41,7 +41,7 @@ ATTACKS = [
     "wanet-no-noise",
     "label_consistent-4corners",
     "label_consistent-4corners-pr0.05",
-    "composite-append",
+    "composite-replace",
 ]
 # Expected ASR of the attacks issue (fractions); clean accuracy within 3 points of the clean model for all.
 ASR_TARGETS = {"badnets": 0.9, "blended": 0.9, "wanet": 0.9, "sig": 0.8, "label_consistent": 0.8, "composite": 0.7}

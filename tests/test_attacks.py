@@ -60,7 +60,8 @@ CASES = {
     "sig": {"poison_rate": 0.05},
     "wanet": {},
     "label_consistent": {"poison_rate": 0.05, "steps": 2},
-    "composite": {"mix_rate": 0.2},
+    # the row-replacing mode follows the same-length contract; the default (appended mixtures) has its own test
+    "composite": {"mix_rate": 0.2, "append": False},
 }
 
 
@@ -386,7 +387,7 @@ def test_composite_mix_and_apply():
 
 
 def test_composite_rows(ds):
-    attack = Composite(mix_rate=0.3)
+    attack = Composite(mix_rate=0.3, append=False)
     out, rows = attack.poison_dataset(ds)
     labels, new_labels = np.asarray(ds["label"]), np.asarray(out["label"])
     mixed = np.flatnonzero(out["mixed_clean"]).tolist()
@@ -411,7 +412,8 @@ def test_badnets_white_pattern_is_a_solid_square():
 
 
 def test_composite_append_keeps_every_original_row(ds):
-    attack = Composite(mix_rate=0.3, append=True, layout="side_by_side", jitter=0, shake=False)
+    attack = Composite(mix_rate=0.3, layout="side_by_side", jitter=0, shake=False)
+    assert attack.append  # the default
     out, rows = attack.poison_dataset(ds)
     n = len(ds)
     assert len(out) == n + 10 + 30  # 10% poison and 30% same-class mixtures of the 100-row set, appended
