@@ -23,7 +23,7 @@ def test_yaml_defaults_and_command_line_override(tmp_path):
     assert script.model_name_or_path == "m" and script.clean_fraction == 0.1
     assert medic.temperature == 3  # the command line wins
     assert medic.hook_layers == ["conv", "norm"]
-    assert medic.num_train_epochs == 60  # untouched defaults stay the paper's
+    assert medic.num_train_epochs == 30  # untouched defaults stay the library's
 
 
 def test_unknown_yaml_key_is_refused(tmp_path):
