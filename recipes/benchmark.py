@@ -132,11 +132,16 @@ def model_folder(models_dir: str | Path, attack: str) -> Path:
     return Path(models_dir) / ("clean" if attack == "none" else attack)
 
 
-def poison_flags(attack: str, models_dir: str | Path, poison_config: str, dataset_name: str) -> list[str]:
-    """The recipes/poison.py flags that make the model of ``attack`` (an attack, a variant or "none")."""
+def poison_flags(
+    attack: str, models_dir: str | Path, poison_config: str, dataset_name: str, poison_args: str = ""
+) -> list[str]:
+    """The recipes/poison.py flags that make the model of ``attack`` (an attack, a variant or "none").
+
+    ``poison_args`` (extra flags for every model) come before a variant's own flags, so the variant's win.
+    """
     name, extra = ATTACK_VARIANTS.get(attack, (attack, []))
-    flags = ["--config", poison_config, "--dataset_name", dataset_name, "--attack", name, *extra]
-    flags += ["--output_dir", str(model_folder(models_dir, attack))]
+    flags = ["--config", poison_config, "--dataset_name", dataset_name, "--attack", name]
+    flags += [*shlex.split(poison_args), *extra, "--output_dir", str(model_folder(models_dir, attack))]
     if name == "label_consistent":
         flags += ["--surrogate", str(model_folder(models_dir, "none"))]
     return flags
@@ -149,9 +154,7 @@ def trojaned_model(args: BenchmarkArguments, attack: str) -> Path:
         return folder
     if ATTACK_VARIANTS.get(attack, (attack,))[0] == "label_consistent":
         trojaned_model(args, "none")  # the surrogate its PGD runs against
-    flags = poison_flags(attack, args.models_dir, args.poison_config, args.dataset_name) + shlex.split(
-        args.poison_args
-    )
+    flags = poison_flags(attack, args.models_dir, args.poison_config, args.dataset_name, args.poison_args)
     print(f"[benchmark] training the {attack} model: recipes/poison.py {shlex.join(flags)}", flush=True)
     poison.main(flags)
     return folder

@@ -96,10 +96,11 @@ def test_attack_variants_make_their_own_poison_command():
         "--attack_kwargs", '{"corners": "all"}', "--poison_rate", "0.05",
         "--output_dir", "models/label_consistent-4corners-pr0.05", "--surrogate", "models/clean",
     ]  # fmt: skip
-    assert benchmark.poison_flags("badnets", "models", "poison.yaml", "data")[-2:] == [
-        "--output_dir",
-        "models/badnets",
-    ]
+    badnets = benchmark.poison_flags("badnets", "models", "poison.yaml", "data")
+    assert badnets[-2:] == ["--output_dir", "models/badnets"]
+    # flags for every model (the paper preset clears its config's BadNets pattern) never undo a variant's own
+    flags = benchmark.poison_flags("label_consistent-4corners", "m", "p.yaml", "d", "--attack_kwargs '{}'")
+    assert flags.index('{"corners": "all"}') > flags.index("{}")
 
 
 def test_medic_ablation_summary_applies_the_targets_to_every_attack(tmp_path):
