@@ -375,20 +375,23 @@ def plot(summary: dict, defenses: list[str], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     markers = "osD^vP*X"
+    colors = [f"C{k}" for k in range(10) if k != 7]  # C7 is grey, the colour of the attack legend's markers
     attacks = sorted({key.split("/")[0] for key in summary["cells"]})
     for i, d in enumerate(defenses):
+        labelled = False
         for j, a in enumerate(attacks):
             entry = summary["cells"].get(f"{a}/{d}")
             if entry:
                 ax.scatter(
                     100 * np.mean(entry["acc"]),
                     100 * np.mean(entry["asr"]),
-                    color=f"C{i}",
+                    color=colors[i % len(colors)],
                     marker=markers[j % len(markers)],
-                    label=d if j == 0 or f"{attacks[0]}/{d}" not in summary["cells"] else None,
+                    label=None if labelled else d,
                 )
+                labelled = True
     for j, a in enumerate(attacks):
-        ax.scatter([], [], color="grey", marker=markers[j % len(markers)], label=a)
+        ax.scatter([], [], facecolors="none", edgecolors="grey", marker=markers[j % len(markers)], label=a)
     ax.set_xlabel("clean accuracy after the defense (%)")
     ax.set_ylabel("attack success rate after the defense (%)")
     ax.axhline(10, color="grey", linewidth=0.5, linestyle="--")
