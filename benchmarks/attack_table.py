@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
-from benchmark import ATTACK_VARIANTS, model_folder, poison_flags  # noqa: E402  (one source for the poison command)
+from benchmark import base_attack, model_folder, poison_flags  # noqa: E402  (one source for the poison command)
 
 ATTACKS = [
     "none",
@@ -62,7 +62,7 @@ def train(attack: str, args: argparse.Namespace) -> None:
     if (out / "metrics.json").exists():
         print(f"[{attack}] done already: {out}", flush=True)
         return
-    if attack.startswith("label_consistent"):  # its PGD needs the finished clean model
+    if base_attack(attack) == "label_consistent":  # its PGD needs the finished clean model
         while not (folder("none", args) / "metrics.json").exists():
             time.sleep(30)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def table(args: argparse.Namespace) -> dict:
     for attack, m in rows.items():
         acc, asr = m["clean_accuracy"], m.get("attack_success_rate")
         delta = "" if clean_acc is None or attack == "none" else f"{100 * (acc - clean_acc):+.2f}"
-        target = ASR_TARGETS.get(ATTACK_VARIANTS.get(attack, (attack,))[0])
+        target = ASR_TARGETS.get(base_attack(attack))
         ok = ""
         if target is not None and clean_acc is not None:
             m["meets_target"] = bool(asr >= target and acc >= clean_acc - ACC_TOLERANCE)

@@ -132,6 +132,11 @@ def model_folder(models_dir: str | Path, attack: str) -> Path:
     return Path(models_dir) / ("clean" if attack == "none" else attack)
 
 
+def base_attack(attack: str) -> str:
+    """The attack a model name stands for: itself, or the attack of a variant row ("sig-pr0.05" -> "sig")."""
+    return ATTACK_VARIANTS.get(attack, (attack,))[0]
+
+
 def poison_flags(
     attack: str, models_dir: str | Path, poison_config: str, dataset_name: str, poison_args: str = ""
 ) -> list[str]:
@@ -152,7 +157,7 @@ def trojaned_model(args: BenchmarkArguments, attack: str) -> Path:
     folder = model_folder(args.models_dir, attack)
     if (folder / "metrics.json").exists():
         return folder
-    if ATTACK_VARIANTS.get(attack, (attack,))[0] == "label_consistent":
+    if base_attack(attack) == "label_consistent":
         trojaned_model(args, "none")  # the surrogate its PGD runs against
     flags = poison_flags(attack, args.models_dir, args.poison_config, args.dataset_name, args.poison_args)
     print(f"[benchmark] training the {attack} model: recipes/poison.py {shlex.join(flags)}", flush=True)

@@ -161,19 +161,22 @@ class Composite(Attack):
         return rows
 
     def _mixing_stamp(self, ds: datasets.Dataset, image_column: str, partners: dict[int, tuple[int, int]]):
-        """A stamp function replacing row i by mix(image of partners[i][0], image of partners[i][1])."""
+        """A stamp function replacing row i by mix(ds[partners[i][0]], ds[partners[i][1]]).
+
+        Both images are read from ``ds``, whatever dataset the stamp is applied to (``ds`` itself, or the appended
+        rows), so the image being replaced is never used.
+        """
         raw = ds.cast_column(image_column, datasets.Image(decode=False))
 
-        def load(row: int, current: Image.Image, i: int) -> Image.Image:
-            return current if row == i else decode_image(raw[int(row)][image_column])
+        def load(row: int) -> Image.Image:
+            return decode_image(raw[int(row)][image_column])
 
         def stamp(indices, images):
-            out = []
-            for i, image in zip(indices, images, strict=True):
+            mixes = []
+            for i in indices:
                 first, second = partners[i]
-                mixed = self.mix(load(first, image, i), load(second, image, i), rng=row_rng(self.seed, i, stream=3))
-                out.append(mixed)
-            return out
+                mixes.append(self.mix(load(first), load(second), rng=row_rng(self.seed, i, stream=3)))
+            return mixes
 
         return stamp
 
@@ -233,24 +236,15 @@ class Composite(Attack):
         by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
         for i in rng.choice(len(labels), size=num_mixed, replace=False):
             sources.append((int(i), int(rng.choice(by_class[int(labels[i])]))))
-        # The new rows start as copies of their first source (so they carry its label and other columns).
+        # The new rows start as copies of their first source (so they carry its label and other columns); new row v
+        # becomes mix(ds[first], ds[second]).
         extra = ds.select([first for first, _ in sources])
-        partners = {v: pair for v, pair in enumerate(sources)}
-        raw = ds.cast_column(image_column, datasets.Image(decode=False))
-
-        def stamp(indices, images):
-            second = [decode_image(raw[partners[v][1]][image_column]) for v in indices]
-            return [
-                self.mix(image, other, rng=row_rng(self.seed, v, stream=3))
-                for v, image, other in zip(indices, images, second, strict=True)
-            ]
-
         poison_view = list(range(num_poison))
         extra = rewrite_rows(
             extra,
             image_column=image_column,
             label_column=label_column,
-            stamp=stamp,
+            stamp=self._mixing_stamp(ds, image_column, dict(enumerate(sources))),
             stamp_rows=range(len(extra)),
             relabel={v: self.target_class for v in poison_view},
             flags={"poisoned": poison_view, "mixed_clean": range(num_poison, len(extra))},
