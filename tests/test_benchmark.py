@@ -125,3 +125,32 @@ def test_medic_ablation_summary_applies_the_targets_to_every_attack(tmp_path):
     assert summary["long"]["max_asr_after"] == 0.40
     table = (tmp_path / "summary.md").read_text()
     assert "| badnets | 1.00 / 40.00 | 2.00 / 5.00 |" in table and "| epochs, τ | 60, 5 | 30, 5 |" in table
+
+
+def test_attack_table_compares_each_row_with_the_clean_model_trained_as_long(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import attack_table
+
+    def model(name, acc, asr=None):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        metrics = {"clean_accuracy": acc} | ({} if asr is None else {"attack_success_rate": asr})
+        (tmp_path / "runs" / name / "metrics.json").write_text(json.dumps(metrics))
+
+    model("clean", 0.78)
+    model("wanet", 0.76, 0.95)  # 2 points below the 20-epoch clean model: meets
+    model("clean-e80", 0.83)
+    model("wanet-e80", 0.79, 0.95)  # 4 points below the 80-epoch clean model, though above the 20-epoch one
+    args = ["--table_only", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    rows = attack_table.main(args + ["--attacks", "none", "wanet", "clean-e80", "wanet-e80"])
+    assert rows["wanet"]["meets_target"] and not rows["wanet-e80"]["meets_target"]
+    assert "meets_target" not in rows["clean-e80"]
+    table = (tmp_path / "results" / "poison_cifar10_small" / "attack_table.md").read_text()
+    assert "| wanet-e80 | 79.00% | -4.00 | 95.00% | ≥ 90% | **no** |" in table
+    assert "| clean-e80 (no attack) | 83.00% |  |  |  |  |" in table
+    assert "--num_train_epochs 80 --output_dir" in rows["clean-e80"]["command"]
+    assert benchmark.clean_reference("wanet-e80") == "clean-e80" and benchmark.clean_reference("sig-pr0.05") == "none"
+
+
+def test_benchmark_rejects_a_clean_model_as_an_attack(tmp_path):
+    with pytest.raises(SystemExit, match="clean-e80.*choose from"):
+        benchmark.main(_args(tmp_path) + ["--attacks", "clean-e80"])
