@@ -1,7 +1,7 @@
 """The attack table of docs/attacks.md: one clean and one trojaned model per attack, trained the same way.
 
 Each model is made by `recipes/poison.py` with `recipes/poison_cifar10_small.yaml` (timm resnet18 at 3/8 width,
-32x32, 20 epochs; the `-e80` rows, WaNet's and their clean reference `clean-e80`, 80 epochs) on the local CIFAR-10
+32x32, 20 epochs; a `-e<N>` row, WaNet's and its clean reference `clean-e<N>`, N epochs) on the local CIFAR-10
 copy. Label-consistent PGD runs against the clean model, so the clean model is
 trained first. Finished models (a `metrics.json` in their folder) are skipped and an interrupted one resumes from its
 last epoch checkpoint, so the script can be run again until the table is complete:
@@ -45,6 +45,8 @@ ATTACKS = [
     "composite-replace",
     "clean-e80",
     "wanet-e80",
+    "clean-e160",
+    "wanet-e160",
 ]
 # Expected ASR of the attacks issue (fractions); clean accuracy within 3 points of the clean model for all.
 ASR_TARGETS = {"badnets": 0.9, "blended": 0.9, "wanet": 0.9, "sig": 0.8, "label_consistent": 0.8, "composite": 0.7}
@@ -89,7 +91,7 @@ def table(args: argparse.Namespace) -> dict:
     lines = [
         f"Models: `{args.config}` (one per row), data `{args.dataset_name}`; ASR on the triggered non-target test "
         "images. Target: the attacks issue's expected ASR, and clean accuracy within 3 points of the clean model "
-        "trained the same way (a `-e80` row: the clean model trained 80 epochs, `clean-e80`; any other row: the "
+        "trained the same way (a `-e<N>` row: the clean model trained N epochs, `clean-e<N>`; any other row: the "
         "20-epoch clean model).",
         "",
         "| attack | clean accuracy | Δ vs clean | ASR | ASR target | meets target |",

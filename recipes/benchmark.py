@@ -81,6 +81,8 @@ ATTACK_VARIANTS = {
     # compared with the clean model trained as long ("clean-e<N>"), see clean_reference().
     "wanet-e80": ("wanet", ["--num_train_epochs", "80"]),
     "clean-e80": ("none", ["--num_train_epochs", "80"]),
+    "wanet-e160": ("wanet", ["--num_train_epochs", "160"]),
+    "clean-e160": ("none", ["--num_train_epochs", "160"]),
 }
 # The benchmark's attacks: the clean variants are references of the attack table, not attacks.
 BENCHMARK_ATTACKS = ALL_ATTACKS + [name for name, (attack, _) in ATTACK_VARIANTS.items() if attack != "none"]
