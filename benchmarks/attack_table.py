@@ -107,7 +107,9 @@ def table(args: argparse.Namespace) -> dict:
         if target is not None and clean_acc is not None:
             m["meets_target"] = bool(asr >= target and acc >= clean_acc - ACC_TOLERANCE)
             ok = "yes" if m["meets_target"] else "**no**"
-        name = f"{'clean' if attack == 'none' else attack} (no attack)" if is_clean else attack
+        name = "clean" if attack == "none" else attack
+        if is_clean:
+            name += " (no attack)"
         asr_text = "" if asr is None else f"{100 * asr:.2f}%"
         target_text = "" if target is None else f"≥ {100 * target:.0f}%"
         lines.append(f"| {name} | {100 * acc:.2f}% | {delta} | {asr_text} | {target_text} | {ok} |")
