@@ -7,11 +7,12 @@ trained first. Finished models (a `metrics.json` in their folder) are skipped an
 last epoch checkpoint, so the script can be run again until the table is complete:
 
     python benchmarks/attack_table.py --dataset_name ../shared/data/cifar10 --jobs 2
-    python benchmarks/attack_table.py --dataset_name ../shared/data/cifar10 --attacks none badnets   # a subset
+    python benchmarks/attack_table.py --dataset_name ../shared/data/cifar10 --attacks none badnets   # train a subset
     python benchmarks/attack_table.py --table_only   # rebuild the table from the finished runs
 
-Writes `benchmarks/results/attacks/<config name>/attack_table.{json,md}`: clean accuracy and ASR of each model next
-to the clean model, the targets of the attacks issue, and each model's command.
+Writes `benchmarks/results/attacks/<config name>/attack_table.{json,md}` from every finished model (whichever
+`--attacks` trained this time): clean accuracy and ASR of each model next to the clean model, the targets of the
+attacks issue, and each model's command.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def train(attack: str, args: argparse.Namespace) -> None:
 
 def table(args: argparse.Namespace) -> dict:
     rows = {}
-    for attack in args.attacks:
+    for attack in ATTACKS:  # every finished row, not only those --attacks trained this time
         metrics_file = folder(attack, args) / "metrics.json"
         if metrics_file.exists():
             rows[attack] = json.loads(metrics_file.read_text())
@@ -131,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", default="runs/attacks", help="Where the models go (not committed).")
     parser.add_argument("--results", default="benchmarks/results/attacks", help="Where the table goes.")
     parser.add_argument("--jobs", type=int, default=1, help="Models trained at once (CPU cores are split).")
-    parser.add_argument("--table_only", action="store_true", help="Only rebuild the table from finished runs.")
+    parser.add_argument(
+        "--table_only", action="store_true", help="Train nothing; rebuild the table from the finished runs."
+    )
     args = parser.parse_args(argv)
     if not args.table_only:
         with ThreadPoolExecutor(args.jobs) as pool:
