@@ -44,6 +44,8 @@ ATTACKS = [
     "label_consistent-4corners",
     "label_consistent-4corners-pr0.05",
     "composite-replace",
+    "wanet-s1",
+    "wanet-pr0.2",
     "clean-e80",
     "wanet-e80",
     "clean-e160",

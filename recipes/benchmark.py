@@ -77,6 +77,9 @@ ATTACK_VARIANTS = {
     ),
     # the mixtures replacing rows instead of being added: only 40% of the original images are ever trained on
     "composite-replace": ("composite", ["--attack_kwargs", '{"append": false}']),
+    # WaNet with twice the warp strength, or twice the poisoned (and noise-mode) rows: easier to learn in 20 epochs?
+    "wanet-s1": ("wanet", ["--attack_kwargs", '{"s": 1.0}']),
+    "wanet-pr0.2": ("wanet", ["--poison_rate", "0.2"]),
     # A longer schedule: WaNet's fixed warped rows are learned slowly (48.7% ASR after 20 epochs). A "-e<N>" row is
     # compared with the clean model trained as long ("clean-e<N>"), see clean_reference().
     "wanet-e80": ("wanet", ["--num_train_epochs", "80"]),
