@@ -150,6 +150,7 @@ def test_attack_table_compares_each_row_with_the_clean_model_trained_as_long(tmp
     assert "| clean-e80 (no attack) | 83.00% |  |  |  |  |" in table
     assert "--num_train_epochs 80 --output_dir" in rows["clean-e80"]["command"]
     assert benchmark.clean_reference("wanet-e80") == "clean-e80" and benchmark.clean_reference("sig-pr0.05") == "none"
+    assert benchmark.clean_reference("wanet-s0.75-e80") == "clean-e80"  # a variant on the longer schedule
 
 
 def test_benchmark_rejects_a_clean_model_as_an_attack(tmp_path):
