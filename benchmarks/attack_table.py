@@ -52,6 +52,7 @@ ATTACKS = [
     "wanet-e160",
     "wanet-s0.75-e80",
     "wanet-s1-e80",
+    "wanet-s0.75-seed1-e80",
 ]
 # Expected ASR of the attacks issue (fractions); clean accuracy within 3 points of the clean model for all.
 ASR_TARGETS = {"badnets": 0.9, "blended": 0.9, "wanet": 0.9, "sig": 0.8, "label_consistent": 0.8, "composite": 0.7}

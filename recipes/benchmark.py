@@ -89,6 +89,11 @@ ATTACK_VARIANTS = {
     # The 80-epoch schedule with a stronger warp (s = 1.0, and 0.75 between it and the published 0.5)
     "wanet-s0.75-e80": ("wanet", ["--attack_kwargs", '{"s": 0.75}', "--num_train_epochs", "80"]),
     "wanet-s1-e80": ("wanet", ["--attack_kwargs", '{"s": 1.0}', "--num_train_epochs", "80"]),
+    # wanet-s0.75-e80 again with other poisoned rows, warp field and training seed: how much of its pass is the seed?
+    "wanet-s0.75-seed1-e80": (
+        "wanet",
+        ["--attack_kwargs", '{"s": 0.75}', "--num_train_epochs", "80", "--attack_seed", "1", "--seed", "1"],
+    ),
 }
 # The benchmark's attacks: the clean variants are references of the attack table, not attacks.
 BENCHMARK_ATTACKS = ALL_ATTACKS + [name for name, (attack, _) in ATTACK_VARIANTS.items() if attack != "none"]
