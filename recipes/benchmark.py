@@ -82,10 +82,10 @@ ATTACK_VARIANTS = {
     "wanet-pr0.2": ("wanet", ["--poison_rate", "0.2"]),
     # A longer schedule: WaNet's fixed warped rows are learned slowly (48.7% ASR after 20 epochs). A "-e<N>" row is
     # compared with the clean model trained as long ("clean-e<N>"), see clean_reference().
-    "wanet-e80": ("wanet", ["--num_train_epochs", "80"]),
     "clean-e80": ("none", ["--num_train_epochs", "80"]),
-    "wanet-e160": ("wanet", ["--num_train_epochs", "160"]),
+    "wanet-e80": ("wanet", ["--num_train_epochs", "80"]),
     "clean-e160": ("none", ["--num_train_epochs", "160"]),
+    "wanet-e160": ("wanet", ["--num_train_epochs", "160"]),
     # The 80-epoch schedule with a stronger warp (s = 1.0, and 0.75 between it and the published 0.5)
     "wanet-s0.75-e80": ("wanet", ["--attack_kwargs", '{"s": 0.75}', "--num_train_epochs", "80"]),
     "wanet-s1-e80": ("wanet", ["--attack_kwargs", '{"s": 1.0}', "--num_train_epochs", "80"]),
