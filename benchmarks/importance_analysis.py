@@ -27,7 +27,7 @@ from medic_hf.attacks import load_attack
 from medic_hf.data import build_transform, class_balanced_subset, load_image_dataset, resolve_preprocessing
 from medic_hf.importance import NeuronStats, importance_weights
 from medic_hf.modeling import forward_logits, load_model
-from medic_hf.neurons import NeuronRecorder, channel_dim, find_clone_modules
+from medic_hf.neurons import NeuronRecorder, channel_dim, find_clone_modules, per_sample_channel_dim
 
 
 def attribution_weights(f, grad, mean, temperature):
@@ -62,8 +62,10 @@ def record(model, recorder, x, labels=None, batch=256):
             captured = recorder.pop()
             if labels is not None:
                 loss = F.cross_entropy(logits, labels[i : i + batch], reduction="sum")
-                for name, g in zip(captured, torch.autograd.grad(loss, list(captured.values()))):
+                found = dict(zip(captured, torch.autograd.grad(loss, list(captured.values()))))
+                for name, g in recorder.by_sample(found).items():
                     grads.setdefault(name, []).append(g.detach())
+            captured = recorder.by_sample(captured)
         for name, a in captured.items():
             acts.setdefault(name, []).append(a.detach())
     return {k: torch.cat(v) for k, v in acts.items()}, {k: torch.cat(v) for k, v in grads.items()}
@@ -106,13 +108,15 @@ def main() -> None:
 
     modules = find_clone_modules(model)
     recorder = NeuronRecorder(modules, require_grad=True)
-    recorder.probe(lambda: forward_logits(model, pixels(test.select(range(2)), transform)))
-    stats = NeuronStats({n: channel_dim(m) for n, m in modules.items()})
+    recorder.probe(lambda x: forward_logits(model, x), pixels(test.select(range(2)), transform))
+    recorder.drop(recorder.batch_free)
+    rows = recorder.rows_per_sample
+    stats = NeuronStats({n: per_sample_channel_dim(channel_dim(m), rows[n]) for n, m in recorder.modules.items()})
     x_train = pixels(clean_train, transform)
     for i in range(0, len(x_train), 256):
         with torch.no_grad():
             forward_logits(model, x_train[i : i + 256])
-        stats.update(recorder.pop())
+        stats.update(recorder.by_sample(recorder.pop()))
     stats.finalize()
 
     x_clean, x_trig = pixels(test, transform), pixels(triggered, transform)

@@ -26,7 +26,7 @@ from .data import build_transform, find_columns, prepare_dataset, resolve_prepro
 from .hub import build_model_card, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
 from .modeling import disable_dropout, forward_logits, load_model, make_student, model_family, num_classes, save_native
-from .neurons import NeuronRecorder, channel_dim, find_clone_modules
+from .neurons import NeuronRecorder, channel_dim, find_clone_modules, per_sample, per_sample_channel_dim
 
 logger = logging.get_logger(__name__)
 
@@ -190,44 +190,67 @@ class MedicCloner(Trainer):
         self._probe_neurons()
 
     def _probe_neurons(self) -> None:
-        """One forward of both models on a real batch: find in-place overwrites, silent modules, shape mismatches."""
+        """Forwards of both models on real samples: how each output relates to the batch, in-place overwrites,
+        silent modules, shape mismatches. Modules that cannot be cloned are left out, and the log says which."""
         dataset = self.train_dataset
         if dataset is None:
             raise ValueError("MedicCloner needs a train_dataset (the clean samples to clone on).")
         batch = self.data_collator([dataset[i] for i in range(min(2, len(dataset)))])
-        device = self.args.device
-        pixel_values = batch["pixel_values"].to(device)
+        pixel_values = batch["pixel_values"].to(self.args.device)
         student = self.model
         was_training = student.training
         student.eval()
         self.student_recorder.set_enabled(True)
-        teacher_silent = self.teacher_recorder.probe(lambda: forward_logits(self.teacher, pixel_values))
-        teacher_shapes = {n: tuple(s) for n, s in self.teacher_recorder.last_shapes.items()}
-        student_silent = self.student_recorder.probe(lambda: forward_logits(student, pixel_values))
-        student_shapes = {n: tuple(s) for n, s in self.student_recorder.last_shapes.items()}
+        teacher, student_recorder = self.teacher_recorder, self.student_recorder
+        teacher_silent = teacher.probe(lambda x: forward_logits(self.teacher, x), pixel_values)
+        student_silent = student_recorder.probe(lambda x: forward_logits(student, x), pixel_values)
         self.student_recorder.set_enabled(False)
         student.train(was_training)
+        teacher_shapes = {n: tuple(s) for n, s in teacher.last_shapes.items()}
+        student_shapes = {n: tuple(s) for n, s in student_recorder.last_shapes.items()}
         if teacher_shapes != student_shapes:
             diff = [n for n in teacher_shapes if teacher_shapes[n] != student_shapes.get(n)][:5]
             raise ValueError(
                 f"Teacher and student outputs do not match at {diff}: the student must be an untrained copy of the "
                 "teacher's architecture; leave `student=None`."
             )
-        silent = sorted(set(teacher_silent) | set(student_silent))
-        dropped = list(silent)  # e.g. nn.MultiheadAttention's out_proj, whose weights are used without calling it
+        if teacher.unsupported:
+            shown = "; ".join(f"{n}: {why}" for n, why in list(teacher.unsupported.items())[:5])
+            raise ValueError(
+                f"{len(teacher.unsupported)} module(s) give outputs whose rows MEDIC cannot assign to samples: dim 0 "
+                f"is neither the batch nor k rows per sample stored sample after sample ({shown}). Leave them out "
+                f"with exclude_modules={list(teacher.unsupported)!r}."
+            )
+        # Why each module is left out: shown once in the log, kept in `left_out_modules` (and the card's counts).
+        left_out = {name: "never called (its weights are applied functionally)" for name in teacher_silent}
+        left_out.update({name: "never called by the student" for name in student_silent if name not in left_out})
+        for name in teacher.batch_free:
+            left_out.setdefault(name, "output does not depend on the input (no batch dimension)")
         if not self.args.clone_logits:
-            logits_modules = self.teacher_recorder.result_modules
+            logits_modules = teacher.result_modules
             if not logits_modules:
                 logger.info("clone_logits=False, but no cloned module outputs the logits: nothing left out.")
-            dropped += logits_modules
-        if dropped:
-            self.teacher_recorder.drop(dropped)
-            self.student_recorder.drop(dropped)
-            for name in dropped:
+            for name in logits_modules:
+                left_out.setdefault(name, "outputs the logits (clone_logits=False)")
+        if left_out:
+            teacher.drop(left_out)
+            student_recorder.drop(left_out)
+            for name in left_out:
                 self.channel_dims.pop(name, None)
-        if not self.teacher_recorder.modules:
+            _log_left_out(left_out)
+        if not teacher.modules:
             raise ValueError("None of the selected modules is called in the forward pass: nothing to clone.")
-        self.neuron_counts = {n: math.prod(s[1:]) for n, s in teacher_shapes.items() if n not in dropped}
+        self.left_out_modules = left_out
+        self.rows_per_sample = dict(teacher.rows_per_sample)
+        student_recorder.rows_per_sample = dict(teacher.rows_per_sample)
+        for name, rows in self.rows_per_sample.items():
+            self.channel_dims[name] = per_sample_channel_dim(self.channel_dims[name], rows)
+        self.neuron_counts = {n: math.prod(teacher_shapes[n][1:]) * self.rows_per_sample[n] for n in teacher.modules}
+
+    @property
+    def cloned_modules(self) -> list[str]:
+        """The names of the modules whose outputs are cloned, in model order."""
+        return list(self.teacher_recorder.modules)
 
     # ------------------------------------------------------------------ statistics
 
@@ -250,7 +273,7 @@ class MedicCloner(Trainer):
         bar = tqdm(loader, desc="MEDIC statistics", disable=not self.is_local_process_zero() or self.args.disable_tqdm)
         for batch in bar:
             forward_logits(self.teacher, batch["pixel_values"].to(self.args.device))
-            stats.update(self.teacher_recorder.pop())
+            stats.update(self.teacher_recorder.by_sample(self.teacher_recorder.pop()))
         stats.finalize()
         return stats
 
@@ -259,6 +282,12 @@ class MedicCloner(Trainer):
     def _teacher_targets(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict[str, tuple]:
         """Teacher activations (fp32, detached) and their importance weights, one forward + one autograd.grad."""
         args = self.args
+        one_sample = pixel_values.shape[0] == 1 and self.needs_teacher_grad
+        if one_sample:
+            # torch's CPU BatchNorm backward (eval mode) returns wrong input gradients for a batch of one sample whose
+            # incoming gradient is channels-last strided (seen on torch 2.14 in LeViT's stem, docs/method.md); two
+            # copies of the sample give it its own, correct gradient (the loss is summed per sample).
+            pixel_values, labels = torch.cat([pixel_values, pixel_values]), torch.cat([labels, labels])
         with torch.enable_grad() if self.needs_teacher_grad else torch.no_grad():
             logits = forward_logits(self.teacher, pixel_values)
             activations = self.teacher_recorder.pop()
@@ -272,9 +301,10 @@ class MedicCloner(Trainer):
         targets = {}
         with torch.no_grad():
             for (name, f), g in zip(activations.items(), grads):
-                f = f.detach().float()
                 if self.needs_teacher_grad:
-                    g = torch.zeros_like(f) if g is None else g.float()
+                    g = torch.zeros_like(f) if g is None else g
+                    g = per_sample(g.float(), self.rows_per_sample[name])
+                f = per_sample(f.detach().float(), self.rows_per_sample[name])
                 mean, std = self.stats.mean[name], self.stats.std[name]
                 w, parts = importance_weights(
                     f,
@@ -287,7 +317,7 @@ class MedicCloner(Trainer):
                     impact_scale=args.impact_scale,
                     cutoff=args.importance_cutoff,
                 )
-                targets[name] = (f, w)
+                targets[name] = (f[:1], w[:1]) if one_sample else (f, w)
                 if diagnostics is not None:
                     diagnostics[name] = {f"support_{k}": effective_support(v).mean().item() for k, v in parts.items()}
                     diagnostics[name]["sum_w"] = w.sum(dim=1).mean().item()
@@ -307,7 +337,7 @@ class MedicCloner(Trainer):
         self.student_recorder.set_enabled(True)
         try:
             logits = forward_logits(model, pixel_values)
-            student_activations = self.student_recorder.pop()
+            student_activations = self.student_recorder.by_sample(self.student_recorder.pop())
         finally:
             self.student_recorder.set_enabled(False)
         ce = F.cross_entropy(logits.float(), labels)
@@ -537,6 +567,18 @@ class MedicCloner(Trainer):
         for recorder in ("teacher_recorder", "student_recorder"):
             if hasattr(self, recorder):
                 getattr(self, recorder).remove()
+
+
+def _log_left_out(left_out: dict[str, str]) -> None:
+    """One log line per reason, naming the modules (the first few)."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in left_out.items():
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        # The classifier is left out by design (clone_logits=False); anything else the user should see.
+        log = logger.info if reason.startswith("outputs the logits") else logger.warning
+        log(f"MEDIC leaves out {len(names)} module(s), not cloned: {reason}: {shown}.")
 
 
 def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict[str, float]:

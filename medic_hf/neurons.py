@@ -1,13 +1,17 @@
 """Which modules' outputs are cloned, and the forward hooks that capture them.
 
 Each element of a hooked module's output is one neuron (paper footnote 3): a C×H×W map is C·H·W neurons, a T×C
-token map T·C. Modules are found by type, so timm's and transformers' own norm layers are included.
+token map T·C. Modules are found by type, so timm's and transformers' own norm layers are included. A module whose
+output holds several rows per sample (windowed attention: batch × windows; LeViT's BatchNorm on flattened tokens:
+batch × tokens) has all of a sample's rows as that sample's neurons; a module whose output has no batch dimension
+(a table computed from parameters only) is no sample's neuron and is left out. `NeuronRecorder.probe` finds which.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -119,6 +123,53 @@ class OutputCapture:
         return output.clone() if self.clone_output else None
 
 
+def per_sample(f: torch.Tensor, rows: int) -> torch.Tensor:
+    """(B·k, ...) -> (B, k, ...): a sample's neurons are its k contiguous rows (windows, patches, tokens)."""
+    return f if rows == 1 else f.reshape(f.shape[0] // rows, rows, *f.shape[1:])
+
+
+def per_sample_channel_dim(dim: int, rows: int) -> int:
+    """The channel dimension of `per_sample(f, rows)`, given that of `f`."""
+    return dim + 1 if rows > 1 and dim >= 0 else dim
+
+
+def probe_batches(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two batches for the layout check: [x0, x1] and [x0, x2, x1], x2 an image unlike both.
+
+    A module's output relates to the batch as MEDIC expects when, between the two, its leading dimension grows from
+    2k to 3k rows and sample x0's rows (first) and x1's rows (second, then third) are unchanged.
+    """
+    x0 = pixel_values[:1]
+    x1 = pixel_values[1:2] if len(pixel_values) > 1 else x0.flip(-1)
+    x2 = 0.5 * (x0.flip(-2) + x1.flip(-1))
+    return torch.cat([x0, x1]), torch.cat([x0, x2, x1])
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-6) if a.numel() else 1.0
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4 * scale)
+
+
+def batch_layout(out_2: torch.Tensor, out_3: torch.Tensor) -> tuple[str, int]:
+    """How a module's output relates to the batch, from its outputs on the two `probe_batches`.
+
+    Returns ('per_sample', k) when dim 0 holds k contiguous rows per sample (k = 1: the usual batch dimension),
+    ('batch_free', 0) when the output does not grow with the batch (a table computed from parameters, a (1, ...)
+    positional term), or ('unsupported', 0).
+    """
+    if out_2.shape == out_3.shape:
+        return "batch_free", 0
+    if out_2.ndim == 0 or out_2.shape[1:] != out_3.shape[1:] or out_2.shape[0] % 2:
+        return "unsupported", 0
+    k = out_2.shape[0] // 2
+    if out_3.shape[0] != 3 * k:
+        return "unsupported", 0
+    # Rows grouped by sample, in batch order: x0 first in both batches, x1 second then third.
+    if k > 1 and not (_same(out_2[:k], out_3[:k]) and _same(out_2[k:], out_3[2 * k :])):
+        return "unsupported", 0
+    return "per_sample", k
+
+
 class NeuronRecorder:
     """Registers one OutputCapture per cloned module; `remove()` takes every hook off again."""
 
@@ -127,6 +178,10 @@ class NeuronRecorder:
         self.captures = {name: OutputCapture(name, self.store) for name in modules}
         self.modules = modules
         self.last_shapes: dict[str, torch.Size] = {}
+        self.rows_per_sample: dict[str, int] = {}
+        self.batch_free: list[str] = []
+        self.unsupported: dict[str, str] = {}
+        self.result_modules: list[str] = []
         self.handles = []
         for name, module in modules.items():
             self.captures[name].require_grad = require_grad
@@ -139,31 +194,61 @@ class NeuronRecorder:
             self.store.clear()
 
     def pop(self) -> dict[str, torch.Tensor]:
-        """The captured outputs of the last forward, in module order; the store is emptied."""
+        """The captured outputs of the last forward, in module order, as the modules gave them; store emptied."""
         captured = {name: self.store[name] for name in self.modules if name in self.store}
         self.store.clear()
         return captured
 
-    @torch.no_grad()
-    def probe(self, forward) -> list[str]:
-        """Run `forward()` once; mark outputs that the model overwrites in place; return modules that never fired.
+    def by_sample(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each output as (B, ...) with a sample's neurons in its row: (B·k, ...) outputs become (B, k, ...)."""
+        return {name: per_sample(f, self.rows_per_sample.get(name, 1)) for name, f in outputs.items()}
 
-        The names of the modules whose output *is* `forward`'s return value (e.g. the classifier producing the
-        logits) are kept in `result_modules`.
+    @torch.no_grad()
+    def probe(self, forward: Callable[[torch.Tensor], Any], pixel_values: torch.Tensor) -> list[str]:
+        """Run `forward` on the two `probe_batches` of `pixel_values`; return the modules that never fired.
+
+        Finds, per module: how its output relates to the batch (`rows_per_sample`, `batch_free`, `unsupported`,
+        see `batch_layout`), its shape on two samples (`last_shapes`), whether the model overwrites it in place
+        (then the hook hands the model a copy), and whether it *is* `forward`'s result, e.g. the classifier
+        producing the logits (`result_modules`).
         """
+        batch_2, batch_3 = probe_batches(pixel_values)
         self.store.clear()
-        result = forward()
-        silent = [name for name in self.modules if name not in self.store]
-        self.last_shapes = {name: output.shape for name, output in self.store.items()}
-        self.result_modules = [
-            name
-            for name, output in self.store.items()
-            if isinstance(result, torch.Tensor) and output.shape == result.shape and torch.equal(output, result)
-        ]
-        for name, output in self.store.items():
+        result = forward(batch_2)
+        outputs_2 = dict(self.store)
+        for name, output in outputs_2.items():
             capture = self.captures[name]
             capture.clone_output = output._version != capture.version_at_capture
+        outputs_2 = {name: output.clone() for name, output in outputs_2.items()}
         self.store.clear()
+        forward(batch_3)
+        outputs_3 = dict(self.store)
+        self.store.clear()
+
+        silent = [name for name in self.modules if name not in outputs_2 or name not in outputs_3]
+        self.last_shapes = {name: output.shape for name, output in outputs_2.items()}
+        same_shape = {
+            name: output
+            for name, output in outputs_2.items()
+            if isinstance(result, torch.Tensor) and output.shape == result.shape
+        }
+        self.result_modules = [name for name, output in same_shape.items() if torch.equal(output, result)]
+        if not self.result_modules:
+            # Logits averaged over several heads (timm / transformers LeViT with distillation): each head's Linear.
+            self.result_modules = [name for name in same_shape if isinstance(self.modules[name], nn.Linear)]
+        self.rows_per_sample, self.batch_free, self.unsupported = {}, [], {}
+        for name in self.modules:
+            if name in silent:
+                continue
+            layout, rows = batch_layout(outputs_2[name], outputs_3[name])
+            if layout == "per_sample":
+                self.rows_per_sample[name] = rows
+            elif layout == "batch_free":
+                self.batch_free.append(name)
+            else:
+                self.unsupported[name] = (
+                    f"{tuple(outputs_2[name].shape)} on 2 samples, {tuple(outputs_3[name].shape)} on 3"
+                )
         return silent
 
     def drop(self, names: Iterable[str]) -> None:
@@ -176,6 +261,7 @@ class NeuronRecorder:
         self.handles = [self.handles[i] for i in keep]
         self.captures = {name: c for name, c in self.captures.items() if name not in names}
         self.modules = {name: m for name, m in self.modules.items() if name not in names}
+        self.rows_per_sample = {name: k for name, k in self.rows_per_sample.items() if name not in names}
 
     def remove(self) -> None:
         for handle in self.handles:

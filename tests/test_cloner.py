@@ -58,8 +58,13 @@ def test_architecture_matrix(name, tmp_path):
             assert not torch.equal(param.detach(), reference[key]), key
 
     # Hooks sit on every conv / norm / linear module that runs in the forward pass, but the classifier
-    # (clone_logits=False by default).
-    expected = called_modules(teacher, data[:2]["pixel_values"]) - {cloner.teacher_recorder.result_modules[0]}
+    # (clone_logits=False by default; LeViT's distilled model averages two) and outputs with no batch dimension
+    # (timm's relative-position table).
+    classifiers = set(cloner.teacher_recorder.result_modules)
+    assert len(classifiers) == (2 if name == "timm_levit" else 1)
+    batch_free = set(cloner.teacher_recorder.batch_free)
+    assert bool(batch_free) == (name == "timm_vit_relpos"), batch_free
+    expected = called_modules(teacher, data[:2]["pixel_values"]) - classifiers - batch_free
     assert set(cloner.teacher_recorder.modules) == expected
     assert set(cloner.student_recorder.modules) == expected
 
@@ -252,11 +257,98 @@ def test_clone_logits_false_leaves_out_exactly_the_classifier(name, tmp_path):
     with_logits = MedicCloner(teacher, make_config(tmp_path, clone_logits=True), train_dataset=data)
     without = MedicCloner(teacher, make_config(tmp_path), train_dataset=data)  # the default
     left_out = set(with_logits.teacher_recorder.modules) - set(without.teacher_recorder.modules)
-    assert len(left_out) == 1 and set(without.teacher_recorder.modules) < set(with_logits.teacher_recorder.modules)
-    (classifier,) = left_out
-    module = with_logits.teacher_recorder.modules[classifier]
-    assert isinstance(module, nn.Linear) and module.out_features == 10
-    assert classifier not in without.student_recorder.modules and classifier not in without.channel_dims
+    assert set(without.teacher_recorder.modules) < set(with_logits.teacher_recorder.modules)
+    assert len(left_out) == (2 if name == "timm_levit" else 1)  # LeViT's distilled model averages two heads
+    for classifier in left_out:
+        module = with_logits.teacher_recorder.modules[classifier]
+        assert isinstance(module, nn.Linear) and module.out_features == 10
+        assert classifier not in without.student_recorder.modules and classifier not in without.channel_dims
     assert without.hyperparameters()["clone_logits"] is False
     for cloner in (with_logits, without):
         cloner.remove_hooks()
+
+
+@pytest.mark.parametrize("name", ["timm_swin", "hf_levit"])
+def test_weights_of_a_sample_in_a_windowed_model_are_over_its_own_rows(name, tmp_path):
+    """Swin's attention outputs batch x windows rows, LeViT's BatchNorm batch x tokens: a sample's importance
+    weights (two softmaxes over all its rows) and its clone loss do not depend on the rest of the batch."""
+    data = pixel_dataset(8)
+    teacher = calibrate(ALL_TINY_MODELS[name](), data)
+    cloner = MedicCloner(teacher, make_config(tmp_path), train_dataset=data)
+    grouped = {n: k for n, k in cloner.rows_per_sample.items() if k > 1}
+    assert grouped, cloner.rows_per_sample
+    cloner.stats = cloner.compute_statistics()
+    batch = data[:8]
+    full = cloner._teacher_targets(batch["pixel_values"], batch["labels"])
+    for name_, rows in grouped.items():
+        f, w = full[name_]
+        assert f.shape[:2] == (8, rows) and w.shape == (8, f[0].numel())
+    for size in (1, 3):
+        part = cloner._teacher_targets(batch["pixel_values"][:size], batch["labels"][:size])
+        for module in full:
+            assert torch.allclose(part[module][1], full[module][1][:size], atol=1e-6), module
+    cloner.remove_hooks()
+
+    # Each softmax is over all of a sample's rows: one criterion alone sums to 1 per sample, not per window.
+    for importance in ("activation", "impact"):
+        single = MedicCloner(teacher, make_config(tmp_path, importance=importance), train_dataset=data)
+        single.stats = single.compute_statistics()
+        targets = single._teacher_targets(batch["pixel_values"], batch["labels"])
+        for name_ in grouped:
+            assert torch.allclose(targets[name_][1].sum(dim=1), torch.ones(8), atol=1e-5), (importance, name_)
+        single.remove_hooks()
+
+
+def test_batch_free_outputs_are_left_out_and_logged(tmp_path, caplog):
+    """timm's relative-position MLP computes a table from parameters only: no sample's neuron."""
+    data = pixel_dataset(8)
+    teacher = calibrate(ALL_TINY_MODELS["timm_vit_relpos"](), data)
+    with caplog.at_level("WARNING"):
+        cloner = MedicCloner(teacher, make_config(tmp_path), train_dataset=data)
+    table = {n for n in cloner.left_out_modules if ".rel_pos.mlp." in n}
+    assert table and all("no batch dimension" in cloner.left_out_modules[n] for n in table)
+    assert not table & set(cloner.cloned_modules) and not table & set(cloner.channel_dims)
+    assert sum("no batch dimension" in r.getMessage() for r in caplog.records) == 1
+    cloner.remove_hooks()
+
+
+def test_rows_that_are_not_grouped_by_sample_are_refused_with_the_fix(tmp_path):
+    class TokenMajor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 8, 8)
+            self.mix = nn.Linear(8, 8)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            tokens = self.conv(x).flatten(2).permute(2, 0, 1)  # (T, B, C): rows token after token
+            tokens = self.mix(tokens.reshape(-1, 8)).reshape(tokens.shape)
+            return self.fc(tokens.mean(0))
+
+    data = pixel_dataset(8)
+    teacher = calibrate(TokenMajor(), data)
+    with pytest.raises(ValueError, match=r"exclude_modules=\['mix'\]"):
+        MedicCloner(teacher, make_config(tmp_path), train_dataset=data)
+    cloner = MedicCloner(teacher, make_config(tmp_path, exclude_modules=["mix"]), train_dataset=data)
+    assert "mix" not in cloner.cloned_modules
+    cloner.remove_hooks()
+
+
+def test_modules_that_never_run_are_logged(tmp_path, caplog):
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 8, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            tokens = self.conv(x).flatten(2).transpose(1, 2)
+            return self.fc(self.attn(tokens, tokens, tokens)[0].mean(1))
+
+    data = pixel_dataset(8)
+    with caplog.at_level("WARNING"):
+        cloner = MedicCloner(calibrate(Attention(), data), make_config(tmp_path), train_dataset=data)
+    assert "never called" in cloner.left_out_modules["attn.out_proj"]
+    assert any("attn.out_proj" in r.getMessage() for r in caplog.records)
+    cloner.remove_hooks()

@@ -60,10 +60,12 @@ def images():
 
 
 def simulate_training(model: nn.Module) -> nn.Module:
-    """Perturb every floating tensor, like training would, so no weight keeps its (often constant) initial value."""
+    """Perturb every saved floating tensor, like training would, so no weight keeps its (often constant) initial
+    value. Non-persistent buffers (timm's relative-position coordinates) are rebuilt on load, as training leaves
+    them."""
     generator = torch.Generator().manual_seed(123)
     with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
+        for tensor in model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.add_(0.01 * torch.randn(tensor.shape, generator=generator))
     return model

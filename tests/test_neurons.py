@@ -49,9 +49,33 @@ def test_name_filters_take_suffixes_or_a_regex():
 def test_recorder_hooks_are_removed():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
     recorder = NeuronRecorder(find_clone_modules(model))
-    silent = recorder.probe(lambda: model(torch.randn(2, 3, 8, 8)))
+    silent = recorder.probe(model, torch.randn(2, 3, 8, 8))
     assert silent == []
     assert recorder.captures["1"].clone_output  # the in-place ReLU overwrites the BatchNorm output
     assert not recorder.captures["0"].clone_output
     recorder.remove()
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_batch_layout_finds_rows_per_sample_batch_free_outputs_and_interleaved_rows():
+    from medic_hf.neurons import batch_layout, probe_batches
+
+    x = torch.randn(2, 3, 4, 4)
+    batch_2, batch_3 = probe_batches(x)
+    assert torch.equal(batch_2, x) and torch.equal(batch_3[0], x[0]) and torch.equal(batch_3[2], x[1])
+    assert not torch.equal(batch_3[1], x[0]) and not torch.equal(batch_3[1], x[1])
+
+    def windows(b):  # (B, C, 4, 4) -> (B * 4 windows, 4 tokens, C), sample after sample, as Swin's partition
+        return b.unfold(2, 2, 2).unfold(3, 2, 2).permute(0, 2, 3, 4, 5, 1).reshape(-1, 4, 3)
+
+    assert batch_layout(batch_2.sum(1), batch_3.sum(1)) == ("per_sample", 1)
+    assert batch_layout(windows(batch_2), windows(batch_3)) == ("per_sample", 4)
+    table = torch.randn(5, 7)
+    assert batch_layout(table, table) == ("batch_free", 0)
+    assert batch_layout(table[:1], table[:1]) == ("batch_free", 0)  # a (1, ...) positional term
+
+    def interleaved(b):  # token-major rows: (T, B, C) flattened, a sample's rows are not contiguous
+        return b.flatten(2).permute(2, 0, 1).reshape(-1, 3)
+
+    assert batch_layout(interleaved(batch_2), interleaved(batch_3)) == ("unsupported", 0)
+    assert batch_layout(torch.randn(4, 3), torch.randn(5, 3)) == ("unsupported", 0)

@@ -2,8 +2,10 @@
 
 Every factory returns a freshly initialised model with 10 classes that accepts 3x32x32 inputs. The models cover
 the three families medic_hf supports (timm, transformers, plain PyTorch) and the layer types that matter for MEDIC:
-BatchNorm with in-place ReLU, timm's fused ``BatchNormAct2d`` with squeeze-excite, attention blocks, and
-ConvNeXt's ``LayerNorm2d`` with layer-scale parameters. Keyword arguments override the defaults so tests can turn on
+BatchNorm with in-place ReLU, timm's fused ``BatchNormAct2d`` with squeeze-excite, attention blocks,
+ConvNeXt's ``LayerNorm2d`` with layer-scale parameters, and modules whose output holds several rows per sample
+(windowed attention in Swin, unfolded patches in MobileViT, flattened tokens in LeViT) or none (a relative-position
+table). Keyword arguments override the defaults so tests can turn on
 dropout or stochastic depth.
 """
 
@@ -15,8 +17,14 @@ from torch import nn
 from transformers import (
     ConvNextConfig,
     ConvNextForImageClassification,
+    LevitConfig,
+    LevitForImageClassification,
+    MobileViTConfig,
+    MobileViTForImageClassification,
     ResNetConfig,
     ResNetForImageClassification,
+    SwinConfig,
+    SwinForImageClassification,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -46,6 +54,44 @@ def timm_convnext(**kwargs) -> nn.Module:
     """timm ConvNeXt-Atto with one block per stage: ``LayerNorm2d`` and layer-scale ``gamma`` parameters."""
     args = dict(num_classes=NUM_CLASSES, depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
     return timm.create_model("convnext_atto", **{**args, **kwargs})
+
+
+def timm_swin(**kwargs) -> nn.Module:
+    """timm Swin with 4x4 windows: attention modules output (batch x windows, tokens, channels)."""
+    args = dict(
+        num_classes=NUM_CLASSES,
+        img_size=IMAGE_SIZE,
+        patch_size=2,
+        window_size=4,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(1, 2),
+    )
+    return timm.create_model("swin_tiny_patch4_window7_224", **{**args, **kwargs})
+
+
+def timm_levit(**kwargs) -> nn.Module:
+    """timm LeViT-128S, one block per stage: BatchNorm1d on flattened tokens (batch x tokens), distilled head."""
+    args = dict(
+        num_classes=NUM_CLASSES,
+        img_size=IMAGE_SIZE,
+        embed_dim=(32, 48, 64),
+        depth=(1, 1, 1),
+        num_heads=(1, 2, 2),
+        key_dim=8,
+    )
+    return timm.create_model("levit_128s", **{**args, **kwargs})
+
+
+def timm_mobilevit(**kwargs) -> nn.Module:
+    """timm MobileViT-XXS: attention over unfolded patches (batch x patch area)."""
+    return timm.create_model("mobilevit_xxs", **{"num_classes": NUM_CLASSES, **kwargs})
+
+
+def timm_vit_relpos(**kwargs) -> nn.Module:
+    """timm ViT with a relative-position MLP, whose output is a table with no batch dimension."""
+    args = dict(num_classes=NUM_CLASSES, img_size=IMAGE_SIZE, patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    return timm.create_model("vit_relpos_small_patch16_224", **{**args, **kwargs})
 
 
 def hf_vit(**config_kwargs) -> nn.Module:
@@ -79,6 +125,44 @@ def hf_resnet(**config_kwargs) -> nn.Module:
     """transformers ResNet: basic blocks, two stages of width 16 and 32."""
     args = dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=NUM_CLASSES)
     return ResNetForImageClassification(ResNetConfig(**{**args, **config_kwargs}))
+
+
+def hf_swin(**config_kwargs) -> nn.Module:
+    """transformers Swin with 4x4 windows."""
+    args = dict(
+        image_size=IMAGE_SIZE,
+        patch_size=2,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[1, 2],
+        window_size=4,
+        num_labels=NUM_CLASSES,
+    )
+    return SwinForImageClassification(SwinConfig(**{**args, **config_kwargs}))
+
+
+def hf_levit(**config_kwargs) -> nn.Module:
+    """transformers LeViT, one layer per stage: BatchNorm1d on flattened tokens."""
+    args = dict(
+        image_size=IMAGE_SIZE,
+        hidden_sizes=[32, 48, 64],
+        num_attention_heads=[1, 2, 2],
+        depths=[1, 1, 1],
+        key_dim=[8, 8, 8],
+        num_labels=NUM_CLASSES,
+    )
+    return LevitForImageClassification(LevitConfig(**{**args, **config_kwargs}))
+
+
+def hf_mobilevit(**config_kwargs) -> nn.Module:
+    """transformers MobileViT, narrow: attention over unfolded patches."""
+    args = dict(
+        image_size=IMAGE_SIZE,
+        hidden_sizes=[16, 24, 32],
+        neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+        num_labels=NUM_CLASSES,
+    )
+    return MobileViTForImageClassification(MobileViTConfig(**{**args, **config_kwargs}))
 
 
 class WideBasicBlock(nn.Module):
@@ -146,8 +230,15 @@ ALL_TINY_MODELS: dict[str, Callable[..., nn.Module]] = {
     "timm_bnact_se": timm_bnact_se,
     "timm_vit": timm_vit,
     "timm_convnext": timm_convnext,
+    "timm_swin": timm_swin,
+    "timm_levit": timm_levit,
+    "timm_mobilevit": timm_mobilevit,
+    "timm_vit_relpos": timm_vit_relpos,
     "hf_vit": hf_vit,
     "hf_convnext": hf_convnext,
     "hf_resnet": hf_resnet,
+    "hf_swin": hf_swin,
+    "hf_levit": hf_levit,
+    "hf_mobilevit": hf_mobilevit,
     "plain_wrn": plain_wrn,
 }
