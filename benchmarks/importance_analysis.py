@@ -27,7 +27,12 @@ from medic_hf.attacks import load_attack
 from medic_hf.data import build_transform, class_balanced_subset, load_image_dataset, resolve_preprocessing
 from medic_hf.importance import NeuronStats, importance_weights
 from medic_hf.modeling import forward_logits, load_model
-from medic_hf.neurons import NeuronRecorder, channel_dim, find_clone_modules, per_sample_channel_dim
+from medic_hf.neurons import (
+    NeuronRecorder,
+    channel_dim,
+    find_clone_modules,
+    per_sample_channel_dim,
+)
 
 
 def attribution_weights(f, grad, mean, temperature):

@@ -12,7 +12,8 @@ from transformers import HfArgumentParser
 def parse_args(dataclass_types: tuple, args: list[str] | None = None) -> tuple:
     """Parse `args` into the dataclasses; values in `--config file.yaml` are defaults the command line overrides."""
     args = list(sys.argv[1:] if args is None else args)
-    parser = HfArgumentParser(dataclass_types)
+    # No abbreviations: `--clone_loss 5` must not silently mean `--clone_loss_weight 5`.
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, help="A YAML file of default values.")
     config_path = None
     if "--config" in args:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
-from transformers import Trainer, default_data_collator, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers import Trainer, default_data_collator
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 from transformers.utils import logging
 
 from .config import MedicConfig
-from .data import build_transform, find_columns, prepare_dataset, resolve_preprocessing
-from .hub import build_model_card, push_folder_to_hub
+from .data import (
+    TorchImageDataset,
+    build_transform,
+    check_labels,
+    find_columns,
+    prepare_dataset,
+    resolve_preprocessing,
+)
+from .hub import _hub_repo_id, build_model_card, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
 from .modeling import disable_dropout, forward_logits, load_model, make_student, model_family, num_classes, save_native
 from .neurons import NeuronRecorder, channel_dim, find_clone_modules, per_sample, per_sample_channel_dim
@@ -32,6 +41,42 @@ logger = logging.get_logger(__name__)
 
 STATS_FILE = "medic_stats.safetensors"
 STATE_FILE = "medic_state.json"
+# The settings a resumed run must share with its checkpoint: they change what the student becomes.
+FINGERPRINT_SETTINGS = (
+    "clone_loss_weight",
+    "temperature",
+    "impact_temperature",
+    "importance",
+    "impact_scale",
+    "importance_cutoff",
+    "augment",
+    "hook_layers",
+    "clone_logits",
+    "target_modules",
+    "exclude_modules",
+    "stats_granularity",
+    "sigma_floor",
+    "coupled_weight_decay",
+    "image_size",
+    "image_mean",
+    "image_std",
+    "learning_rate",
+    "weight_decay",
+    "lr_scheduler_type",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "warmup_steps",
+    "optim",
+    "max_grad_norm",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "bf16",
+    "fp16",
+)
 
 
 def accuracy_metrics(eval_pred) -> dict[str, float]:
@@ -89,15 +134,56 @@ class MedicCloner(Trainer):
         args = MedicConfig() if args is None else args
         if not isinstance(args, MedicConfig):
             raise TypeError(f"args must be a MedicConfig, got {type(args).__name__}: build it with MedicConfig(...).")
-        set_seed(args.seed)
-        self.base_model_name = base_model_name or (model if isinstance(model, str) else _model_name(model))
+        # Building a cloner leaves the caller's random state as it was (the Trainer seeds it; train() seeds again).
+        rng_state = _RandomState()
+        try:
+            self._init(model, args, student, image_processor, trust_remote_code, dataset_name, base_model_name)
+            self._init_trainer(
+                student,
+                args,
+                train_dataset,
+                eval_dataset,
+                data_collator,
+                processing_class,
+                compute_metrics,
+                callbacks,
+                optimizers,
+                **kwargs,
+            )
+        finally:
+            rng_state.restore()
+
+    def _init(self, model, args, student, image_processor, trust_remote_code, dataset_name, base_model_name):
+        self.teacher_name, self.base_model_id = _teacher_identity(model, base_model_name)
+        self.base_model_name = self.teacher_name
         teacher = load_model(model, trust_remote_code=trust_remote_code) if isinstance(model, str) else model
         teacher.eval().requires_grad_(False)
-        student = make_student(teacher, seed=args.seed) if student is None else student
+        self.student_given = student is not None
         self.teacher = teacher
         self.num_classes = num_classes(teacher)
         self.dataset_name = dataset_name
         self.image_processor = image_processor
+        self.preprocessing: dict | None = None
+        self.resumed_from: str | None = None
+        self.warnings: list[str] = []
+
+    def _init_trainer(
+        self,
+        student,
+        args,
+        train_dataset,
+        eval_dataset,
+        data_collator,
+        processing_class,
+        compute_metrics,
+        callbacks,
+        optimizers,
+        **kwargs,
+    ):
+        teacher = self.teacher
+        student = make_student(teacher, seed=args.seed) if student is None else student
+        self._raw_train_dataset = train_dataset
+        self.args = args  # the Trainer sets it again; the data preparation below reads it first
 
         train_dataset = self._prepare_data(train_dataset, train=args.augment)
         if isinstance(eval_dataset, dict):
@@ -133,9 +219,14 @@ class MedicCloner(Trainer):
     # ------------------------------------------------------------------ set-up
 
     def _prepare_data(self, dataset, *, train: bool):
-        """Image columns get the model's preprocessing; `pixel_values`/`labels` rows are used as they are."""
+        """Image columns get the model's preprocessing; data that already yields `pixel_values` (a user's
+        `with_transform`, ready tensors, a torch data set of tensors) is used as it is."""
         if dataset is None:
             return None
+        if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
+            raise ValueError("A data set given to MedicCloner is empty: check the split or the filter that made it.")
+        if isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom":
+            return self._user_transformed(dataset)
         image_column = label_column = None
         if isinstance(dataset, datasets.Dataset):
             image_column, label_column = find_columns(dataset)
@@ -143,11 +234,15 @@ class MedicCloner(Trainer):
         transform = None
         if image_column != "pixel_values":
             try:
-                transform = build_transform(resolve_preprocessing(self.teacher, self.image_processor), train=train)
+                preprocessing = self._resolve_preprocessing()
             except ValueError:
                 if image_column is not None:
                     raise
                 # A torch data set of ready tensors needs no preprocessing; PIL items then raise a clear error.
+            else:
+                transform = build_transform(preprocessing, train=train)
+                if train and image_column is not None:
+                    self._log_preprocessing(preprocessing, dataset, image_column)
         return prepare_dataset(
             dataset,
             transform=transform,
@@ -155,6 +250,58 @@ class MedicCloner(Trainer):
             image_column=image_column,
             label_column=label_column,
         )
+
+    def _user_transformed(self, dataset: datasets.Dataset):
+        """A data set with the user's own transform (`with_transform` / `set_transform`), used as it is."""
+        item = dataset[0]
+        label_key = next((k for k in ("labels", "label") if k in item), None)
+        if "pixel_values" not in item or label_key is None:
+            raise ValueError(
+                f"The data set's own transform returns keys {sorted(item)}; MedicCloner uses such a data set as it "
+                "is and needs 'pixel_values' (a tensor) and 'label' or 'labels'. Return those from your transform, "
+                "or remove it (ds.reset_format()) to let MedicCloner preprocess the image column itself."
+            )
+        if label_key in dataset.column_names:  # read from the stored column: no image goes through the transform
+            self._check_class_count(dataset, label_key)
+            check_labels(dataset, label_key, self.num_classes)
+        logger.warning("The data set has its own transform: MedicCloner uses its pixel_values as they are.")
+        return TorchImageDataset(
+            dataset, transform=None, num_classes=self.num_classes, image_key="pixel_values", label_key=label_key
+        )
+
+    def _resolve_preprocessing(self) -> dict:
+        """The model's preprocessing (image processor, timm data config or model config) with MedicConfig's
+        image_size / image_mean / image_std on top."""
+        if self.preprocessing is None:
+            args = self.args
+            self.preprocessing = resolve_preprocessing(
+                self.teacher,
+                self.image_processor,
+                input_size=args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size,
+                mean=args.image_mean,
+                std=args.image_std,
+            )
+        return self.preprocessing
+
+    def _log_preprocessing(self, preprocessing: dict, dataset: datasets.Dataset, image_column: str) -> None:
+        """One line saying what is applied; a warning when it resizes the images (e.g. 32 px data for a 224 px
+        timm config that came with the architecture, not with the weights)."""
+        channels, height, width = preprocessing["input_size"]
+        first = dataset[0][image_column]
+        size = getattr(first, "size", None)  # PIL: (width, height)
+        augment = f"random crop (padding {min(height, width) // 8}) + horizontal flip" if self.args.augment else "none"
+        line = (
+            f"MEDIC preprocessing of column '{image_column}': {channels}x{height}x{width}, "
+            f"mean {_rounded(preprocessing['mean'])}, std {_rounded(preprocessing['std'])}, augmentation: {augment}"
+        )
+        if size is not None and tuple(size) != (width, height):
+            logger.warning(
+                f"{line}. The images are {size[0]}x{size[1]}: they are resized to {width}x{height}. If the model "
+                "expects their own size, set image_size (and image_mean / image_std) in MedicConfig or pass its "
+                "image_processor."
+            )
+        else:
+            logger.info(line)
 
     def _check_class_count(self, dataset: datasets.Dataset, label_column: str) -> None:
         feature = dataset.features.get(label_column)
@@ -409,11 +556,16 @@ class MedicCloner(Trainer):
     # ------------------------------------------------------------------ training
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """Estimates (or, on resume, reloads) the neuron statistics, then trains the student."""
+        """Estimates (or, on resume, reloads) the neuron statistics, then trains the student.
+
+        A checkpoint is resumed only when it was made with the same teacher, clean data and settings (see
+        `fingerprint()`); anything else raises before training, naming a new output_dir or overwrite_output_dir.
+        """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
+        self._check_training_steps()
         self._load_or_compute_state(resume_from_checkpoint)
         restore_dropout = disable_dropout(self.accelerator.unwrap_model(self.model))
         try:
@@ -431,20 +583,105 @@ class MedicCloner(Trainer):
                 self.metrics_after = final
             else:
                 self.metrics_after = _strip_prefix(self.evaluate())
+        self._check_accuracy_drop()
         return output
 
+    def _check_training_steps(self) -> None:
+        """Refuse a run that would not train: a "sanitized" model that is the untrained student is worse than none."""
+        args = self.args
+        if args.max_steps is not None and args.max_steps > 0:
+            return
+        if args.num_train_epochs <= 0:
+            raise ValueError(f"num_train_epochs={args.num_train_epochs}: no training step would run. Set it above 0.")
+        if not has_length(self.train_dataset):
+            return
+        rows, batch = len(self.train_dataset), args.per_device_train_batch_size * max(1, args.world_size)
+        batches = rows // batch if args.dataloader_drop_last else math.ceil(rows / batch)
+        if batches == 0:  # the Trainer would do 0 steps, exit cleanly and save the untrained student
+            raise ValueError(
+                f"No training step would run: {rows} clean rows in batches of {batch} "
+                f"(per_device_train_batch_size x processes) with dataloader_drop_last={args.dataloader_drop_last}. "
+                "Lower per_device_train_batch_size, set dataloader_drop_last to false, or use more clean data."
+            )
+
+    def _check_accuracy_drop(self) -> None:
+        """A sanitized model far less accurate than its teacher is flagged: log, results and card say so."""
+        before, after = self.metrics_before, self.metrics_after
+        key = next((k for k in ("clean_accuracy", "accuracy") if k in before and k in after), None)
+        if key is None or self.args.max_accuracy_drop is None:
+            return
+        drop = 100 * (before[key] - after[key])
+        if drop > self.args.max_accuracy_drop:
+            message = (
+                f"The sanitized model's clean accuracy is {drop:.2f} points below the teacher's "
+                f"({100 * after[key]:.2f}% against {100 * before[key]:.2f}%), more than max_accuracy_drop="
+                f"{self.args.max_accuracy_drop:g}: it may not have trained long enough (steps done: "
+                f"{self.state.global_step}) or on enough clean data. Do not use it as a replacement as it is."
+            )
+            self.warnings.append(message)
+            logger.warning(message)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must share with this run to be resumed: the teacher's weights, the clean data and the
+        settings that change the result (hashes, plus the settings themselves to name what differs)."""
+        if getattr(self, "_fingerprint", None) is None:
+            settings = {name: _jsonable(getattr(self.args, name, None)) for name in FINGERPRINT_SETTINGS}
+            self._fingerprint = {
+                "teacher": _hash_state_dict(self.accelerator.unwrap_model(self.teacher)),
+                "data": _hash_dataset(self._raw_train_dataset),
+                "settings": settings,
+            }
+        return self._fingerprint
+
+    def _check_fingerprint(self, checkpoint: str) -> None:
+        state_file = os.path.join(checkpoint, STATE_FILE)
+        saved = json.loads(Path(state_file).read_text()).get("fingerprint") if os.path.isfile(state_file) else None
+        fix = (
+            f"Choose a new output_dir, or pass --overwrite_output_dir true (MedicConfig(overwrite_output_dir=True)) "
+            f"to start afresh in {self.args.output_dir}."
+        )
+        if saved is None:
+            raise ValueError(f"{checkpoint} records no MEDIC run fingerprint, so it cannot be resumed safely. {fix}")
+        current = self.fingerprint()
+        differs = [part for part in ("teacher", "data") if saved.get(part) != current[part]]
+        settings = {
+            k: (saved.get("settings", {}).get(k), v)
+            for k, v in current["settings"].items()
+            if saved.get("settings", {}).get(k) != v
+        }
+        if differs or settings:
+            what = [f"the {part}" for part in differs]
+            what += [f"{k} ({old!r} there, {new!r} now)" for k, (old, new) in list(settings.items())[:5]]
+            raise ValueError(f"{checkpoint} belongs to another run: {', '.join(what)} differ. {fix}")
+
     def _load_or_compute_state(self, checkpoint: str | None) -> None:
+        if checkpoint:
+            self._check_fingerprint(checkpoint)
         stats_file = os.path.join(checkpoint, STATS_FILE) if checkpoint else None
         if stats_file and os.path.isfile(stats_file):
             self.stats.load_state_dict(load_file(stats_file))
-            state_file = os.path.join(checkpoint, STATE_FILE)
-            if os.path.isfile(state_file):
-                self.metrics_before = json.loads(Path(state_file).read_text()).get("metrics_before", {})
+            state = json.loads(Path(checkpoint, STATE_FILE).read_text())
+            self.metrics_before = state.get("metrics_before", {})
+            self.resumed_from = Path(checkpoint).name
+            logger.warning(
+                f"Resuming from {checkpoint} (same teacher, clean data and settings): its statistics and 'before' "
+                "metrics are reused."
+            )
         else:
             self.stats = self.compute_statistics()
             if self.eval_dataset is not None and not self.metrics_before:
                 self.metrics_before = self.evaluate_teacher()
         self.stats.to(self.args.device)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Evaluation sees every image: `dataloader_drop_last` is about training batches."""
+        if not self.args.dataloader_drop_last:
+            return super().get_eval_dataloader(eval_dataset)
+        self.args.dataloader_drop_last = False
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.args.dataloader_drop_last = True
 
     @torch.no_grad()
     def evaluate_teacher(self) -> dict[str, float]:
@@ -471,40 +708,72 @@ class MedicCloner(Trainer):
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         save_file(self.stats.state_dict(), os.path.join(folder, STATS_FILE))
-        Path(folder, STATE_FILE).write_text(json.dumps({"metrics_before": self.metrics_before}, indent=2))
+        state = {"metrics_before": self.metrics_before, "fingerprint": self.fingerprint()}
+        Path(folder, STATE_FILE).write_text(json.dumps(state, indent=2))
 
     # ------------------------------------------------------------------ saving and the Hub
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Writes the student in its native format (timm / transformers / safetensors) and a model card."""
+        """Writes the student in its native format (timm / transformers / safetensors), its preprocessing (a
+        transformers image processor, or timm's pretrained_cfg) and a model card."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        save_native(self.accelerator.unwrap_model(self.model), output_dir)
+        student = self.accelerator.unwrap_model(self.model)
+        preprocessing = self._saved_preprocessing()
+        if preprocessing is not None and model_family(student) == "timm":
+            # The student's config says how to feed it: what it was trained with, not the architecture's default.
+            student.pretrained_cfg = {**(student.pretrained_cfg or {}), **_timm_data_config(preprocessing)}
+        save_native(student, output_dir)
+        if model_family(student) == "transformers":
+            processor = self.image_processor or (_image_processor(preprocessing) if preprocessing else None)
+            if processor is not None:
+                processor.save_pretrained(output_dir)  # so pipeline("image-classification", model=dir) works
         self.create_model_card(output_dir=output_dir)
 
+    def _saved_preprocessing(self) -> dict | None:
+        try:
+            return self._resolve_preprocessing()
+        except ValueError:  # a plain model fed ready tensors: nothing known to save
+            return None
+
     def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
-        """README.md built with huggingface_hub.ModelCard: method, base model, data, hyperparameters, metrics."""
+        """README.md built with huggingface_hub.ModelCard: method, teacher, data, what ran, metrics, warnings."""
         if not self.is_world_process_zero():
             return
         output_dir = output_dir or self.args.output_dir
         student = self.accelerator.unwrap_model(self.model)
         family = model_family(student)
         card = build_model_card(
-            base_model=self.base_model_name,
+            base_model=self.teacher_name,
+            base_model_id=self.base_model_id,
             family=family,
             dataset=self.dataset_name,
-            clean_samples=len(self.train_dataset) if self.train_dataset is not None else None,
+            clean_samples=len(self.train_dataset) if has_length(self.train_dataset) else None,
             hyperparameters=self.hyperparameters(),
             metrics_before=self.metrics_before or None,
             metrics_after=self.metrics_after or None,
+            eval_sizes=self.eval_sizes(),
             library_name={"timm": "timm", "transformers": "transformers"}.get(family, "pytorch"),
+            repo_id=self.args.hub_model_id,
+            license=self.args.hub_license,
+            warnings=self.warnings,
         )
         card.save(os.path.join(output_dir, "README.md"))
 
+    def eval_sizes(self) -> dict[str, int]:
+        """Metric name -> number of images it was measured on."""
+        sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+        return {metric_name(name): len(ds) for name, ds in sets.items() if ds is not None and has_length(ds)}
+
     def hyperparameters(self) -> dict[str, Any]:
+        """The settings and what actually ran (steps and epochs done), for the card and results.json."""
         a = self.args
+        if a.max_steps and a.max_steps > 0:
+            planned = f"{a.max_steps} step{'s' if a.max_steps != 1 else ''}"
+        else:
+            planned = f"{a.num_train_epochs:g} epoch{'s' if a.num_train_epochs != 1 else ''}"
         return {
             "clone_loss_weight (λ)": a.clone_loss_weight,
             "temperature (τ)": a.temperature,
@@ -515,14 +784,17 @@ class MedicCloner(Trainer):
             "hook_layers": ",".join(a.hook_layers),
             "clone_logits": a.clone_logits,
             "cloned_modules": len(self.teacher_recorder.modules),
+            "left_out_modules": len(getattr(self, "left_out_modules", {})),
             "stats_granularity": a.stats_granularity,
             "augment (crop + flip)": a.augment,
             "sigma_floor": a.sigma_floor,
-            "optimizer": "Adam (coupled L2)" if a.coupled_weight_decay else a.optim,
+            "optimizer": "Adam (coupled L2)" if a.coupled_weight_decay else str(getattr(a.optim, "value", a.optim)),
             "learning_rate": a.learning_rate,
             "weight_decay": a.weight_decay,
             "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
-            "num_train_epochs": a.num_train_epochs,
+            "budget": planned,
+            "training steps done": self.state.global_step,
+            "epochs done": round(float(self.state.epoch or 0.0), 2),
             "batch_size": a.per_device_train_batch_size * max(1, a.world_size),
             "seed": a.seed,
         }
@@ -606,10 +878,113 @@ def _strip_prefix(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _model_name(model: nn.Module) -> str | None:
+def _jsonable(value: Any) -> Any:
+    value = getattr(value, "value", value)  # enums such as lr_scheduler_type
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def _hash_state_dict(model: nn.Module) -> str:
+    """sha256 of every tensor of the state dict, in key order, with names, shapes and dtypes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _hash_dataset(dataset) -> str:
+    """sha256 of the clean set's size, its labels and three of its rows as stored (raw, before any transform).
+
+    A torch data set is described by its size and, when it has them, its `targets`: its items may be augmented at
+    random and cannot be hashed."""
+    digest = hashlib.sha256(f"{type(dataset).__name__}:{len(dataset) if has_length(dataset) else None};".encode())
+    if isinstance(dataset, datasets.Dataset) and len(dataset):
+        raw = dataset.with_format("arrow")
+        label_column = next((c for c in ("labels", "label") if c in dataset.column_names), None)
+        if label_column is not None:
+            digest.update(str(raw[label_column].to_pylist()).encode())
+        rows = sorted({0, len(dataset) // 2, len(dataset) - 1})
+        digest.update(str(raw.select(rows)[:].to_pylist()).encode())
+    else:
+        targets = getattr(dataset, "targets", None)
+        if targets is not None:
+            digest.update(str([int(t) for t in targets]).encode())
+    return digest.hexdigest()
+
+
+def _teacher_identity(model: nn.Module | str, given_name: str | None) -> tuple[str, str | None]:
+    """(name shown on the card, Hub id for the card's `base_model` or None).
+
+    Only a model named by a Hub id (`org/name` or `hf-hub:org/name`, not a local folder) gets a `base_model`: an
+    `nn.Module` carries no proof of where its weights came from (timm's `pretrained_cfg` names the default
+    pretrained tag even for a randomly initialised model), and a local path is no Hub id. Local paths are shown by
+    their folder name only.
+    """
+    name = given_name if given_name is not None else (model if isinstance(model, str) else None)
+    if name is None:
+        return _architecture_name(model), None
+    hub_id = _hub_repo_id(name)
+    if hub_id is not None:
+        return name, hub_id
+    path = Path(name)
+    if path.exists() or path.is_absolute() or name.startswith((".", "~")):
+        return path.expanduser().resolve().name, None
+    return name, None
+
+
+def _architecture_name(model: nn.Module) -> str:
+    """e.g. 'resnet18 (timm)', 'ViTForImageClassification (transformers)', 'WideResNet (PyTorch)'."""
+    family = model_family(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.get("hf_hub_id"):
-        return cfg["hf_hub_id"]
-    config = getattr(model, "config", None)
-    name = getattr(config, "_name_or_path", None)
-    return name or cfg.get("architecture") or type(model).__name__
+    name = cfg.get("architecture") if family == "timm" else type(model).__name__
+    return f"{name or type(model).__name__} ({ {'torch': 'PyTorch'}.get(family, family) })"
+
+
+def _timm_data_config(preprocessing: dict) -> dict:
+    return {
+        "input_size": tuple(preprocessing["input_size"]),
+        "mean": tuple(preprocessing["mean"]),
+        "std": tuple(preprocessing["std"]),
+        "interpolation": preprocessing.get("interpolation", "bilinear"),
+        "crop_pct": preprocessing.get("crop_pct", 1.0),
+    }
+
+
+def _image_processor(preprocessing: dict):
+    """A transformers image processor that resizes to the input size and normalises as the clone was trained."""
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    _, height, width = preprocessing["input_size"]
+    resample = getattr(Image.Resampling, str(preprocessing.get("interpolation", "bilinear")).upper(), None)
+    return ViTImageProcessor(
+        size={"height": height, "width": width},
+        resample=resample if resample is not None else Image.Resampling.BILINEAR,
+        image_mean=list(preprocessing["mean"]),
+        image_std=list(preprocessing["std"]),
+    )
+
+
+def _rounded(values) -> tuple[float, ...]:
+    return tuple(round(float(v), 4) for v in values)
+
+
+class _RandomState:
+    """The Python, NumPy and torch random states, to be put back as they were."""
+
+    def __init__(self):
+        self.python = random.getstate()
+        self.numpy = np.random.get_state()
+        self.torch = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)

@@ -140,6 +140,49 @@ class MedicConfig(TrainingArguments):
             "every parameter. False falls back to the Trainer's `optim` (AdamW by default)."
         },
     )
+    image_size: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Input size for image columns: one value (square) or height width. None takes it from the "
+            "image processor, the timm data config or the model config. A timm model built without pretrained "
+            "weights still carries its default tag's config (224 px for resnet18): set this for 32 px data."
+        },
+    )
+    image_mean: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-channel normalisation mean for image columns (one value per channel); None: the model's."
+        },
+    )
+    image_std: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-channel normalisation std for image columns (one value per channel); None: the model's."
+        },
+    )
+    max_accuracy_drop: float | None = field(
+        default=10.0,
+        metadata={
+            "help": "Points of clean accuracy the sanitized model may lose against the teacher before the run is "
+            "flagged: a warning in the log, results.json and the model card, and recipes/clone.py exits non-zero "
+            "unless --allow_accuracy_drop is given. None disables the check."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in an output_dir that holds checkpoints of an earlier run (they are deleted). "
+            "Without it, recipes/clone.py resumes the last checkpoint when it belongs to the same teacher, data "
+            "and settings, and refuses otherwise."
+        },
+    )
+    hub_license: str | None = field(
+        default=None,
+        metadata={
+            "help": "License id written to the model card (e.g. 'apache-2.0'): the teacher's license, which the "
+            "sanitized model inherits. None writes 'unknown' and a note to check the teacher's license."
+        },
+    )
     importance_log_file: str | None = field(
         default="importance_diagnostics.jsonl",
         metadata={
@@ -196,6 +239,18 @@ class MedicConfig(TrainingArguments):
             raise ValueError("importance_cutoff must be >= 0.")
         if self.sigma_floor <= 0:
             raise ValueError("sigma_floor must be > 0.")
+        if self.image_size is not None:
+            self.image_size = [
+                int(v) for v in ([self.image_size] if isinstance(self.image_size, int) else self.image_size)
+            ]
+            if len(self.image_size) not in (1, 2) or min(self.image_size) <= 0:
+                raise ValueError(f"image_size={self.image_size}: give one size (square) or height width, e.g. 32.")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, [float(v) for v in ([value] if isinstance(value, (int, float)) else value)])
+        if self.image_std is not None and min(self.image_std) <= 0:
+            raise ValueError(f"image_std={self.image_std}: every value must be > 0.")
 
     @property
     def effective_impact_temperature(self) -> float:

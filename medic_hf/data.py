@@ -86,7 +86,7 @@ def _load_parquet_file(path: Path, cache_dir: str | None) -> datasets.DatasetDic
             f"'{path}' is a file but not a .parquet file. Pass a .parquet file, a folder of parquet files or of "
             "images (one sub-folder per class), or a Hub data set id."
         )
-    return datasets.load_dataset("parquet", data_files={"train": str(path)}, cache_dir=cache_dir)
+    return _load_files(path, "parquet", data_files={"train": str(path)}, cache_dir=cache_dir)
 
 
 def _load_local_folder(folder: Path, cache_dir: str | None) -> datasets.DatasetDict:
@@ -100,13 +100,25 @@ def _load_local_folder(folder: Path, cache_dir: str | None) -> datasets.DatasetD
                 f"'{folder}' holds parquet files ({names}) but none is named after a split. Name them "
                 "train*.parquet / test*.parquet / validation*.parquet, or pass a single parquet file."
             )
-        return datasets.load_dataset("parquet", data_files=data_files, cache_dir=cache_dir)
+        return _load_files(folder, "parquet", data_files=data_files, cache_dir=cache_dir)
     if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*")):
-        return datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=cache_dir)
+        return _load_files(folder, "imagefolder", data_dir=str(folder), cache_dir=cache_dir)
     raise ValueError(
         f"'{folder}' holds neither parquet files nor images. Expected train*.parquet / test*.parquet files, "
         "or images in one sub-folder per class (optionally under train/ and test/)."
     )
+
+
+def _load_files(path: Path, builder: str, **kwargs) -> datasets.DatasetDict:
+    try:
+        return datasets.load_dataset(builder, **kwargs)
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):
+            raise
+        # datasets says 'Instruction "train" corresponds to no data!' for a split file without rows.
+        raise ValueError(
+            f"'{path}' holds an empty split ({error}): the data set has no rows. Check its files."
+        ) from None
 
 
 def _parquet_files_by_split(files: Sequence[Path]) -> dict[str, list[str]]:
@@ -145,14 +157,14 @@ def _load_hub_dataset(name: str, cache_dir: str | None) -> datasets.DatasetDict:
 def find_columns(ds: datasets.Dataset | datasets.DatasetDict) -> tuple[str, str]:
     """Return ``(image_column, label_column)`` of a data set.
 
-    Rows already holding ``pixel_values`` and ``labels`` give ``("pixel_values", "labels")``. Otherwise the image
+    Rows already holding ``pixel_values`` give ``("pixel_values", <label column>)``. Otherwise the image
     column is ``img`` or ``image`` or else the first ``datasets.Image`` column, and the label column is ``label``
     or ``labels`` or else the first ``ClassLabel`` column (e.g. ``fine_label`` of CIFAR-100). For a
     ``DatasetDict`` the "train" split (or the first one) is inspected.
     """
     ds = _one_split(ds)
-    if "pixel_values" in ds.column_names and "labels" in ds.column_names:
-        return "pixel_values", "labels"
+    if "pixel_values" in ds.column_names:
+        return "pixel_values", _find_label_column(ds)
     return _find_image_column(ds), _find_label_column(ds)
 
 
@@ -219,19 +231,27 @@ def class_balanced_subset(
 ) -> datasets.Dataset:
     """Draw a seeded subset with the same number of rows for every class, in shuffled order.
 
+    Asking for every row (``fraction=1.0`` or ``num_samples=len(ds)``) returns all of them, shuffled, whatever the
+    class balance: a curated clean set is used as it is.
+
     Give either ``fraction`` (of ``len(ds)``, rounded) or ``num_samples``. Every class present in ``ds`` gets
     ``total // num_classes`` rows; the remaining ``total % num_classes`` rows go one each to the classes with
     the smallest label ids that still have rows to spare. Example: ``fraction=0.05`` of CIFAR-10 train gives
     2,500 rows, 250 per class. The draw depends only on ``seed`` and the labels, and the result is an index
     mapping over ``ds`` (``Dataset.select``), so no image is re-encoded.
     """
+    if len(ds) == 0:
+        raise ValueError("The data set is empty: there is nothing to draw a clean subset from. Check the split.")
     label_column = label_column or _find_label_column(ds)
     labels = _integer_labels(ds, label_column)
     total = _requested_size(len(labels), fraction, num_samples)
+    rng = np.random.default_rng(seed)
+    if total == len(labels):
+        # Every row: a curated clean set is used as it is, balanced or not (balancing is for draws).
+        return ds.select(rng.permutation(len(labels)).tolist())
     classes, counts = np.unique(labels, return_counts=True)
     per_class = _rows_per_class(total, classes, counts)
 
-    rng = np.random.default_rng(seed)
     picked = [rng.choice(np.flatnonzero(labels == c), size=n, replace=False) for c, n in zip(classes, per_class)]
     order = rng.permutation(np.concatenate(picked))
     return ds.select(order.tolist())
@@ -324,15 +344,26 @@ def resolve_preprocessing(
         config["input_size"] = _as_chw(input_size, channels=channels)
     if mean is not None:
         config["mean"] = tuple(float(m) for m in mean)
+        if config.get("input_size") and len(mean) != config["input_size"][0]:
+            config["input_size"] = (len(mean), *config["input_size"][1:])  # one mean per channel sets the channels
     if std is not None:
         config["std"] = tuple(float(s) for s in std)
+    model_channels = _input_channels(model)
+    if model_channels is not None and config.get("input_size") and config["input_size"][0] != model_channels:
+        raise ValueError(
+            f"The model takes {model_channels}-channel images but its preprocessing says {config['input_size'][0]} "
+            f"channels (mean {config.get('mean')}): set image_mean and image_std with one value per channel, e.g. "
+            f"MedicConfig(image_mean=[0.5] * {model_channels}, image_std=[0.5] * {model_channels}) or "
+            f"--image_mean {' '.join(['0.5'] * model_channels)} --image_std {' '.join(['0.5'] * model_channels)}."
+        )
     missing = [key for key in ("input_size", "mean", "std") if config.get(key) is None]
     if missing:
         what = f"a {type(model).__name__} model" if model is not None else "no model"
         raise ValueError(
             f"Cannot tell the preprocessing ({', '.join(missing)}) for {what}. Pass "
-            "image_processor=AutoImageProcessor.from_pretrained(...), or e.g. input_size=(3, 32, 32), "
-            "mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.243, 0.261)."
+            "image_processor=AutoImageProcessor.from_pretrained(...), or set the input size, mean and std: "
+            "MedicConfig(image_size=[32], image_mean=[0.4914, 0.4822, 0.4465], image_std=[0.247, 0.243, 0.261]) "
+            "(command line: --image_size 32 --image_mean 0.4914 0.4822 0.4465 --image_std 0.247 0.243 0.261)."
         )
     config.setdefault("interpolation", "bilinear")
     config.setdefault("crop_pct", 1.0)
@@ -342,6 +373,14 @@ def resolve_preprocessing(
             f"mean {config['mean']} and std {config['std']} must have one value per channel ({channels} channels)."
         )
     return config
+
+
+def _input_channels(model: Any) -> int | None:
+    """The channels the model's first convolution takes, or None (no convolution, or not a module)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    return first.in_channels if first is not None else None
 
 
 def _from_timm(model: Any = None, pretrained_cfg: dict | None = None) -> dict:
@@ -616,6 +655,11 @@ def _integer_labels(ds: datasets.Dataset, label_column: str) -> np.ndarray:
     return column.to_numpy().astype(np.int64, copy=False)
 
 
+def check_labels(ds: datasets.Dataset, label_column: str, num_classes: int | None) -> None:
+    """Raise ``ValueError`` naming the fix unless every label is an integer in ``[0, num_classes)``."""
+    _check_label_range(_integer_labels(ds, label_column), num_classes)
+
+
 def _check_label_range(labels: np.ndarray, num_classes: int | None) -> None:
     """Raise a ValueError naming the labels outside ``[0, num_classes)``."""
     if len(labels) == 0:
@@ -751,4 +795,12 @@ def subset_from_args(
         ds = dataset_dict
     if num_samples is not None:
         fraction = None
-    return class_balanced_subset(ds, fraction=fraction, num_samples=num_samples, seed=seed, label_column=label_column)
+    try:
+        return class_balanced_subset(
+            ds, fraction=fraction, num_samples=num_samples, seed=seed, label_column=label_column
+        )
+    except ValueError as error:
+        # The recipe's users set these as flags, not as Python arguments.
+        message = re.sub(r"(?<![-\w])fraction\b", "--clean_fraction", str(error))
+        message = re.sub(r"(?<![-\w])num_samples\b", "--clean_samples", message)
+        raise ValueError(message) from None

@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub import constants as hf_constants
 
 __all__ = ["build_model_card", "push_folder_to_hub"]
@@ -24,6 +24,7 @@ _METRIC_LABELS = {
     "asr": "Attack success rate (ASR)",
 }
 _REPO_PLACEHOLDER = "<namespace>/<repo-name>"
+_UNSET: Any = object()  # base_model_id not given: derived from base_model
 
 
 def _hub_repo_id(name: str | None) -> str | None:
@@ -34,6 +35,16 @@ def _hub_repo_id(name: str | None) -> str | None:
     if _REPO_ID_PATTERN.match(name) and not Path(name).exists():
         return name
     return None
+
+
+def _public_name(name: str | None) -> str | None:
+    """A local path as its last component ("runs/resnet18-badnets" -> "resnet18-badnets"); other names as given."""
+    if not name:
+        return name
+    path = Path(name).expanduser()
+    if path.is_absolute() or path.exists() or name.startswith((".", "~")):
+        return path.resolve().name or name
+    return name
 
 
 def _format_value(value: Any) -> str:
@@ -55,15 +66,18 @@ def _format_metric(name: str, value: Any) -> str:
     return _format_value(value)
 
 
-def _metric_rows(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[tuple[str, str, str]]:
-    """Rows ``(label, before, after)`` for every metric given before or after cloning, in first-seen order."""
-    before, after = before or {}, after or {}
+def _metric_rows(
+    before: Mapping[str, Any] | None, after: Mapping[str, Any] | None, sizes: Mapping[str, int] | None = None
+) -> list[tuple[str, str, str, str]]:
+    """Rows ``(label, before, after, images)`` for every metric given before or after cloning, first-seen order."""
+    before, after, sizes = before or {}, after or {}, sizes or {}
     names = list(dict.fromkeys([*before, *after]))
     return [
         (
             _METRIC_LABELS.get(name, name.replace("_", " ").capitalize()),
             _format_metric(name, before[name]) if name in before else "—",
             _format_metric(name, after[name]) if name in after else "—",
+            f"{sizes[name]:,}" if name in sizes else "—",
         )
         for name in names
     ]
@@ -105,32 +119,38 @@ def build_model_card(
     library_name: str | None = None,
     extra: str | None = None,
     repo_id: str | None = None,
+    base_model_id: str | None = _UNSET,
+    eval_sizes: Mapping[str, int] | None = None,
+    license: str | None = None,
+    warnings: list[str] | None = None,
 ) -> ModelCard:
     """Build the model card (README.md) of a MEDIC-sanitized model.
 
     Args:
-        base_model: the teacher: a Hub id, timm name or local path (None if it was passed as an nn.Module).
-            Only Hub ids go into the card's ``base_model`` metadata, which the Hub validates.
+        base_model: the teacher's name as shown on the card: a Hub id, timm name, folder name or architecture
+            (None if unknown).
+        base_model_id: the Hub id for the card's ``base_model`` metadata (which makes the Hub list this model as a
+            derivative of it), or None for none. By default, ``base_model`` when it looks like a Hub id.
         family: ``"timm"``, ``"transformers"`` or ``"torch"`` (see ``medic_hf.modeling.model_family``).
         dataset: the clean data used for cloning (a Hub dataset id goes into the ``datasets`` metadata).
         clean_samples: number of clean images used.
-        hyperparameters: cloning hyperparameters, shown as a table.
+        hyperparameters: cloning hyperparameters and what ran, shown as a table.
         metrics_before / metrics_after: metrics of the teacher and of the sanitized model, e.g.
-            ``{"clean_accuracy": 0.93, "attack_success_rate": 0.99}``; either or both may be None.
+            ``{"clean_accuracy": 0.93, "attack_success_rate": 0.99}``; either or both may be None. They also go
+            into the Hub's ``model-index`` metadata.
+        eval_sizes: metric name -> number of evaluation images it was measured on.
         library_name: Hub library tag; defaults from ``family`` (timm, transformers, pytorch).
         extra: Markdown appended in an "Additional information" section.
         repo_id: the repo the card is for, used in the loading snippet (a placeholder when None).
+        license: the license id for the metadata; None writes "unknown" and a note that the teacher's applies.
+        warnings: sentences shown in a warning section at the top of the card (e.g. a large accuracy drop).
     """
     library_name = library_name or _LIBRARY_NAMES.get(family, "pytorch")
-    base_repo_id = _hub_repo_id(base_model)
+    base_repo_id = _hub_repo_id(base_model) if base_model_id is _UNSET else base_model_id
     dataset_repo_id = _hub_repo_id(dataset)
-    card_data = ModelCardData(
-        library_name=library_name,
-        tags=["medic", "backdoor-removal", "image-classification", family],
-        pipeline_tag="image-classification",
-        base_model=base_repo_id,
-        datasets=[dataset_repo_id] if dataset_repo_id else None,
-    )
+    # A card is published: local paths say nothing to its readers and leak the author's file system.
+    base_model = _public_name(base_model) if base_repo_id is None else base_model
+    dataset = _public_name(dataset) if dataset_repo_id is None else dataset
     family_name = _FAMILY_NAMES.get(family, family)
     if base_model:
         teacher_name = base_model.removeprefix("hf-hub:")
@@ -139,6 +159,17 @@ def build_model_card(
     else:
         title = "MEDIC-sanitized model"
         teacher_markdown = f"a user-provided image classifier ({family_name})"
+    eval_sizes = dict(eval_sizes or {})
+    card_data = ModelCardData(
+        library_name=library_name,
+        license=license or "unknown",
+        tags=["medic", "backdoor-removal", "image-classification", family],
+        pipeline_tag="image-classification",
+        base_model=base_repo_id,
+        datasets=[dataset_repo_id] if dataset_repo_id else None,
+        model_name=title,
+        eval_results=_eval_results(metrics_before, metrics_after, dataset, dataset_repo_id) or None,
+    )
     template_path = resources.files("medic_hf") / "templates" / "model_card.md"
     with resources.as_file(template_path) as path:
         return ModelCard.from_template(
@@ -150,10 +181,35 @@ def build_model_card(
             dataset_markdown=_code_or_link(dataset, dataset_repo_id, "datasets/") if dataset else None,
             clean_samples=clean_samples,
             hyperparameter_rows=[(_format_value(k), _format_value(v)) for k, v in hyperparameters.items()],
-            metric_rows=_metric_rows(metrics_before, metrics_after),
+            metric_rows=_metric_rows(metrics_before, metrics_after, eval_sizes),
             usage_snippet=_usage_snippet(family, repo_id or _REPO_PLACEHOLDER),
+            license_known=license is not None,
+            warnings=warnings or [],
             extra=extra,
         )
+
+
+def _eval_results(
+    before: Mapping[str, Any] | None, after: Mapping[str, Any] | None, dataset: str | None, dataset_id: str | None
+) -> list[EvalResult]:
+    """The Hub's model-index entries: each metric after MEDIC, and the teacher's before it."""
+    name = dataset_id or (Path(dataset).name if dataset else "clean evaluation set")
+    results = []
+    for when, metrics in (("", after or {}), (" of the trojaned teacher (before MEDIC)", before or {})):
+        for metric, value in metrics.items():
+            if not isinstance(value, (int, float)):
+                continue
+            results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    dataset_type=dataset_id or name,
+                    dataset_name=name,
+                    metric_type="accuracy" if metric.endswith("accuracy") else metric,
+                    metric_value=round(float(value), 6),
+                    metric_name=_METRIC_LABELS.get(metric, metric) + when,
+                )
+            )
+    return results
 
 
 # Trainer checkpoints (optimizer state, for resuming) stay local; the Hub gets the model, its card and results.

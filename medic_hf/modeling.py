@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import pickle
@@ -374,10 +375,18 @@ def _seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
-    # Students are initialised on the CPU and moved afterwards, so only the CPU generator matters.
+    # Students are initialised on the CPU and moved afterwards, so only the CPU generator matters. The generator is
+    # seeded with a value derived from `seed`, not `seed` itself: an untrained teacher built right after
+    # set_seed(seed) would otherwise be re-created exactly.
     with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
+        torch.default_generator.manual_seed(student_seed(seed))
         yield
+
+
+def student_seed(seed: int) -> int:
+    """The seed of the student's initialisation for a run seeded with `seed` (a fixed hash of it)."""
+    digest = hashlib.sha256(f"medic_hf student {seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
 
 
 def _transformers_student(teacher: nn.Module) -> nn.Module:
@@ -516,6 +525,12 @@ def _check_student(student: nn.Module, teacher: nn.Module) -> None:
             raise ValueError(f"Student parameter {name} shares memory with the teacher's.")
         # Constant tensors (zero biases, unit norm weights, layer-scale) legitimately equal an untrained teacher's.
         if ref.is_floating_point() and ref.numel() > 1 and not _is_constant(ref) and torch.equal(param, ref):
+            if all(torch.equal(p, teacher_params[n]) for n, p in student.named_parameters()):
+                raise ValueError(
+                    f"The student's fresh initialisation equals the teacher's weights exactly (e.g. {name}): the "
+                    "teacher looks untrained and initialised from the same random state. Train the teacher (or "
+                    "load its weights), or pass another seed."
+                )
             raise ValueError(
                 f"Student parameter {name} still equals the teacher's after re-initialisation. Fix: give the module "
                 "that owns it a reset_parameters() method, or build a freshly initialised student yourself."

@@ -18,10 +18,11 @@ success rate (ASR) is reported before and after cloning. Results go to `<output_
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from medic_hf import MedicCloner, MedicConfig
 from medic_hf.attacks import ATTACK_FILE, load_attack
@@ -50,6 +51,13 @@ class CloneArguments:
         metadata={"help": "attack.json describing the trigger, to measure ASR; default: the model folder's one."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+    allow_accuracy_drop: bool = field(
+        default=False,
+        metadata={
+            "help": "Exit 0 even when the sanitized model lost more than --max_accuracy_drop points of clean "
+            "accuracy (the model, results and card are written either way, with the warning)."
+        },
+    )
 
 
 def backdoor_view(script_args: CloneArguments, test):
@@ -110,7 +118,12 @@ def main(args: list[str] | None = None) -> dict:
     )
     checkpoint = config.resume_from_checkpoint
     if checkpoint is None and Path(config.output_dir).is_dir():
-        checkpoint = get_last_checkpoint(config.output_dir)  # a killed run continues where it stopped
+        if config.overwrite_output_dir:
+            remove_checkpoints(config.output_dir, is_main_process=cloner.is_world_process_zero())
+            cloner.accelerator.wait_for_everyone()
+        else:
+            # A killed run continues where it stopped; the cloner refuses a checkpoint of another run.
+            checkpoint = get_last_checkpoint(config.output_dir)
     cloner.train(resume_from_checkpoint=checkpoint)
     cloner.save_model()
 
@@ -118,6 +131,11 @@ def main(args: list[str] | None = None) -> dict:
         "model": script_args.model_name_or_path,
         "dataset": script_args.dataset_name,
         "clean_samples": len(clean),
+        "resumed_from": cloner.resumed_from,
+        "steps": cloner.state.global_step,
+        "epochs": round(float(cloner.state.epoch or 0.0), 2),
+        "eval_sizes": cloner.eval_sizes(),
+        "warnings": cloner.warnings,
         "before": cloner.metrics_before,
         "after": cloner.metrics_after,
         "history": [
@@ -135,7 +153,21 @@ def main(args: list[str] | None = None) -> dict:
         print(table)
     if config.push_to_hub:
         cloner.push_to_hub()
+    if cloner.warnings and not script_args.allow_accuracy_drop:
+        raise SystemExit(
+            f"{cloner.warnings[0]} The model, results.json and the card are in {config.output_dir}. Pass "
+            "--allow_accuracy_drop true to accept it (exit 0), or raise --max_accuracy_drop."
+        )
     return results
+
+
+def remove_checkpoints(output_dir: str, *, is_main_process: bool) -> None:
+    """--overwrite_output_dir: an earlier run's checkpoints must not be resumed nor rotated into this run."""
+    if not is_main_process:
+        return
+    for folder in sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        if folder.is_dir():
+            shutil.rmtree(folder)
 
 
 if __name__ == "__main__":

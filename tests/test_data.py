@@ -240,7 +240,7 @@ def test_preprocessing_from_transformers_model_config():
 
 def test_preprocessing_needs_explicit_values_for_plain_models():
     model = torch.nn.Linear(4, 2)
-    with pytest.raises(ValueError, match="input_size, mean, std.*Linear.*input_size=\\(3, 32, 32\\)"):
+    with pytest.raises(ValueError, match=r"input_size, mean, std.*Linear.*image_size=\[32\].*--image_size 32"):
         resolve_preprocessing(model)
     explicit = resolve_preprocessing(model, input_size=(32, 32), mean=(0.5,) * 3, std=(0.25,) * 3)
     assert explicit == {

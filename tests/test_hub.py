@@ -54,9 +54,9 @@ def test_model_card_contents():
     assert "| learning_rate | 0.01 |" in text
     assert "| betas | 0.9, 0.999 |" in text
     # Before/after metrics table
-    assert "| Metric | Before cloning (teacher) | After cloning (this model) |" in text
-    assert "| Clean accuracy | 93.12% | 91.07% |" in text
-    assert "| Attack success rate (ASR) | 99.80% | 2.13% |" in text
+    assert "| Metric | Before cloning (teacher) | After cloning (this model) | Evaluation images |" in text
+    assert "| Clean accuracy | 93.12% | 91.07% | — |" in text
+    assert "| Attack success rate (ASR) | 99.80% | 2.13% | — |" in text
     # Loading snippet and warning
     assert 'timm.create_model("hf-hub:me/sanitized-resnet18", pretrained=True)' in text
     assert "cannot prove that every backdoor is gone" in text
@@ -69,8 +69,27 @@ def test_model_card_metadata():
     assert data.tags == ["medic", "backdoor-removal", "image-classification", "timm"]
     assert data.base_model == "some-org/trojaned-resnet18"
     assert data.datasets == ["uoft-cs/cifar10"]
-    assert data.license is None
+    assert data.license == "unknown"  # the teacher's license applies; not given here
     assert data.pipeline_tag == "image-classification"
+    # The Hub's model-index: every metric after MEDIC, and the teacher's before it
+    results = {r.metric_name: r for r in data.eval_results}
+    assert results["Clean accuracy"].metric_value == pytest.approx(0.9107)
+    assert results["Attack success rate (ASR)"].metric_value == pytest.approx(0.0213)
+    assert results["Clean accuracy of the trojaned teacher (before MEDIC)"].metric_value == pytest.approx(0.9312)
+    assert all(r.dataset_type == "uoft-cs/cifar10" and r.task_type == "image-classification" for r in results.values())
+
+
+def test_model_card_license_sizes_and_warnings():
+    card = full_card(
+        license="apache-2.0",
+        eval_sizes={"clean_accuracy": 10000, "attack_success_rate": 9000},
+        warnings=["The clean accuracy fell 20 points."],
+    )
+    assert card.data.license == "apache-2.0"
+    assert "| Clean accuracy | 93.12% | 91.07% | 10,000 |" in card.text
+    assert "| Attack success rate (ASR) | 99.80% | 2.13% | 9,000 |" in card.text
+    assert "## ⚠ Warning" in card.text and "- The clean accuracy fell 20 points." in card.text
+    assert "Warning" not in full_card().text.split("## Method")[0]
 
 
 def test_model_card_renders_without_metrics_or_optional_fields():
@@ -97,15 +116,17 @@ def test_model_card_renders_without_metrics_or_optional_fields():
 
 def test_model_card_with_metrics_only_after_cloning():
     text = full_card(metrics_before=None, metrics_after={"clean_accuracy": 0.9}).text
-    assert "| Clean accuracy | — | 90.00% |" in text
+    assert "| Clean accuracy | — | 90.00% | — |" in text
 
 
 def test_model_card_keeps_local_paths_out_of_metadata(tmp_path):
-    card = full_card(base_model=str(tmp_path / "teacher"), dataset="cifar10")
+    (tmp_path / "teacher").mkdir()
+    card = full_card(base_model=str(tmp_path / "teacher"), dataset=str(tmp_path / "cifar10"))
     assert card.data.base_model is None  # the Hub only accepts repo ids here
     assert card.data.datasets is None
-    assert f"`{tmp_path / 'teacher'}`" in card.text
-    assert "`cifar10`" in card.text
+    assert str(tmp_path) not in card.text and str(tmp_path) not in str(card.data)  # no local paths published
+    assert "`teacher`" in card.text and "`cifar10`" in card.text
+    assert full_card(base_model="org/teacher", base_model_id=None).data.base_model is None
 
 
 @pytest.mark.parametrize(
@@ -127,7 +148,8 @@ def test_model_card_saves_and_reloads(tmp_path):
     full_card().save(tmp_path / "README.md")
     reloaded = ModelCard.load(tmp_path / "README.md")
     assert reloaded.data.base_model == "some-org/trojaned-resnet18"
-    assert "| Clean accuracy | 93.12% | 91.07% |" in reloaded.text
+    assert "| Clean accuracy | 93.12% | 91.07% | — |" in reloaded.text
+    assert len(reloaded.data.eval_results) == 4
 
 
 # --------------------------------------------------------------------------------------------------------------------

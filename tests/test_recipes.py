@@ -55,13 +55,16 @@ def test_poison_then_clone(tmp_path):
             "25",
             "--disable_tqdm",
             "true",
+            "--allow_accuracy_drop",
+            "true",
         ]
     )
     assert results["clean_samples"] == 50
     assert set(results["before"]) == {"clean_accuracy", "attack_success_rate"}
     assert set(results["after"]) == {"clean_accuracy", "attack_success_rate"}
     saved = json.loads((out / "results.json").read_text())
-    assert saved["hyperparameters"]["num_train_epochs"] == 1
+    assert saved["hyperparameters"]["budget"] == "1 epoch"
+    assert saved["steps"] == saved["hyperparameters"]["training steps done"] > 0 and saved["epochs"] == 1
     assert "attack success rate" in (out / "results.md").read_text()
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
 
@@ -125,11 +128,21 @@ def test_embedded_demo_runs_offline_from_its_config(tmp_path, monkeypatch):
     assert sum(p.stat().st_size for p in (demo / "cifar10-slice").glob("*.parquet")) <= 2 * 2**20
     monkeypatch.chdir(ROOT)  # the config's paths are relative to the repository root, where the README runs it
     out = tmp_path / "demo"
+    args = ["--config", "recipes/demo.yaml", "--num_train_epochs", "1", "--max_eval_samples", "100"]
+    args += ["--output_dir", str(out), "--disable_tqdm", "true"]
+    # One epoch cannot reach the teacher's accuracy: the guard flags it and exits non-zero, after saving everything.
+    with pytest.raises(SystemExit, match="allow_accuracy_drop"):
+        clone.main(args)
+    card = (out / "README.md").read_text()
+    assert (out / "model.safetensors").is_file() and "Attack success rate" in card and "## ⚠ Warning" in card
+    assert json.loads((out / "results.json").read_text())["warnings"]
     results = clone.main(
-        ["--config", "recipes/demo.yaml", "--num_train_epochs", "1", "--max_eval_samples", "100"]
-        + ["--output_dir", str(out), "--disable_tqdm", "true"]
+        args + ["--allow_accuracy_drop", "true", "--overwrite_output_dir", "true", "--max_steps", "2"]
     )
-    assert results["clean_samples"] == 1400
+    assert results["clean_samples"] == 1400 and results["resumed_from"] is None
     assert results["before"]["attack_success_rate"] > 0.9  # the committed model is trojaned (99.3% on the slice)
     assert results["before"]["clean_accuracy"] > 0.7
-    assert (out / "model.safetensors").is_file() and "Attack success rate" in (out / "README.md").read_text()
+    assert results["eval_sizes"] == {
+        "clean_accuracy": 100,
+        "attack_success_rate": results["eval_sizes"]["attack_success_rate"],
+    }
