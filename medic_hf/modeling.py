@@ -353,20 +353,23 @@ def make_student(teacher: nn.Module, *, seed: int | None = None) -> nn.Module:
     Raises:
         ValueError: the student cannot be initialised reliably; the message names the parameter and the fix.
     """
-    family = model_family(teacher)
-    with _seeded(seed):
-        if family == "transformers":
-            student = _transformers_student(teacher)
-        elif family == "timm":
-            student = _timm_student(teacher)
-        else:
-            student = _reinitialised_copy(teacher, use_init_weights=False)
+    student = _fresh_model(teacher, seed)
     _match_placement(student, teacher)
     student.train()
     for param in student.parameters():
         param.requires_grad_(True)
-    _check_student(student, teacher)
+    _check_student(student, teacher, lambda: _fresh_model(teacher, (seed or 0) + 1))
     return student
+
+
+def _fresh_model(teacher: nn.Module, seed: int | None) -> nn.Module:
+    family = model_family(teacher)
+    with _seeded(seed):
+        if family == "transformers":
+            return _transformers_student(teacher)
+        if family == "timm":
+            return _timm_student(teacher)
+        return _reinitialised_copy(teacher, use_init_weights=False)
 
 
 @contextlib.contextmanager
@@ -476,13 +479,20 @@ def _reinitialised_copy(teacher: nn.Module, *, use_init_weights: bool) -> nn.Mod
         # pos_embed; _check_student then verifies that nothing kept the teacher's values.
         init_weights()
         return student
-    naked = [name for name, p in student.named_parameters() if id(p) not in covered]
+    naked = [(name, p) for name, p in student.named_parameters() if id(p) not in covered]
     if naked:
-        raise ValueError(
-            f"Cannot re-initialise parameter(s) {', '.join(naked)}: their module has no reset_parameters() method, "
-            "so the student would keep the teacher's (possibly trojaned) values. Fix: give that module a "
-            "reset_parameters() method that initialises them, or build a freshly initialised student yourself and "
-            "pass it in."
+        # Parameters owned directly by a module without reset_parameters(): position embeddings, class tokens,
+        # relative-position tables (torchvision's ViT and Swin). timm and torchvision initialise those with a
+        # (truncated) normal of std 0.02; never keep the teacher's, possibly trojaned, values.
+        with torch.no_grad():
+            for _, param in naked:
+                nn.init.trunc_normal_(param, std=0.02)
+        names = ", ".join(name for name, _ in naked[:6]) + (f" and {len(naked) - 6} more" if len(naked) > 6 else "")
+        logger.warning(
+            "Re-initialised parameter(s) %s with a truncated normal (std 0.02): their module has no "
+            "reset_parameters(). For another initialisation, give that module a reset_parameters() method or pass "
+            "a freshly initialised student.",
+            names,
         )
     return student
 
@@ -507,8 +517,12 @@ def _is_constant(tensor: torch.Tensor) -> bool:
     return bool((flat == flat[0]).all())
 
 
-def _check_student(student: nn.Module, teacher: nn.Module) -> None:
-    """Verify the student matches the teacher's structure and kept none of its (non-constant) weights."""
+def _check_student(student: nn.Module, teacher: nn.Module, another_fresh: Callable[[], nn.Module]) -> None:
+    """Verify the student matches the teacher's structure and kept none of its (non-constant) weights.
+
+    A parameter equal to the teacher's is allowed only when the architecture initialises it the same way whatever
+    the seed (`another_fresh()` builds a second student with another seed): e.g. timm ConViT's identity `v.weight`.
+    """
     if not _same_structure(student, teacher):
         student_sd, teacher_sd = student.state_dict(), teacher.state_dict()
         diff = sorted(set(student_sd).symmetric_difference(teacher_sd)) or [
@@ -519,22 +533,30 @@ def _check_student(student: nn.Module, teacher: nn.Module) -> None:
             "initialised student of the same architecture yourself and pass it in."
         )
     teacher_params = dict(teacher.named_parameters())
+    equal = []
     for name, param in student.named_parameters():
         ref = teacher_params[name]
         if param is ref or (param.numel() > 0 and param.data_ptr() == ref.data_ptr()):
             raise ValueError(f"Student parameter {name} shares memory with the teacher's.")
         # Constant tensors (zero biases, unit norm weights, layer-scale) legitimately equal an untrained teacher's.
         if ref.is_floating_point() and ref.numel() > 1 and not _is_constant(ref) and torch.equal(param, ref):
-            if all(torch.equal(p, teacher_params[n]) for n, p in student.named_parameters()):
-                raise ValueError(
-                    f"The student's fresh initialisation equals the teacher's weights exactly (e.g. {name}): the "
-                    "teacher looks untrained and initialised from the same random state. Train the teacher (or "
-                    "load its weights), or pass another seed."
-                )
-            raise ValueError(
-                f"Student parameter {name} still equals the teacher's after re-initialisation. Fix: give the module "
-                "that owns it a reset_parameters() method, or build a freshly initialised student yourself."
-            )
+            equal.append(name)
+    if equal:
+        other = dict(another_fresh().named_parameters())
+        seeded = dict(student.named_parameters())
+        equal = [name for name in equal if not torch.equal(other[name].to(seeded[name]), seeded[name])]
+    if not equal:
+        return
+    if all(torch.equal(p, teacher_params[n]) for n, p in student.named_parameters()):
+        raise ValueError(
+            f"The student's fresh initialisation equals the teacher's weights exactly (e.g. {equal[0]}): the teacher "
+            "looks untrained and initialised from the same random state. Train the teacher (or load its weights), "
+            "or pass another seed."
+        )
+    raise ValueError(
+        f"Student parameter {equal[0]} still equals the teacher's after re-initialisation. Fix: give the module that "
+        "owns it a reset_parameters() method, or build a freshly initialised student yourself."
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -628,7 +650,16 @@ def save_native(model: nn.Module, output_dir: str | Path, *, safe_serialization:
     if family == "timm":
         import timm.models
 
-        timm.models.save_for_hf(model, str(output_dir), safe_serialization=True)
+        try:
+            timm.models.save_for_hf(model, str(output_dir), safe_serialization=True)
+        except RuntimeError as error:
+            if "share memory" not in str(error):
+                raise
+            # Modules shared between blocks (timm CoaT's position encodings): safetensors refuses aliased tensors,
+            # so each name gets its own copy; loading assigns the same values to the shared module twice.
+            tensors = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
+            safetensors.torch.save_file(tensors, str(output_dir / SAFETENSORS_NAME), metadata={"format": "pt"})
+            timm.models._hub.save_config_for_hf(model, output_dir / "config.json")
     elif family == "transformers":
         # transformers 5 always writes safetensors and has no safe_serialization argument.
         model.save_pretrained(output_dir)

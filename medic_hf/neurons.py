@@ -232,7 +232,15 @@ class NeuronRecorder:
             for name, output in outputs_2.items()
             if isinstance(result, torch.Tensor) and output.shape == result.shape
         }
-        self.result_modules = [name for name, output in same_shape.items() if torch.equal(output, result)]
+        # The logits' module, also when they are its output flattened (a 1x1-conv classifier: timm DLA, DPN).
+        self.result_modules = [
+            name
+            for name, output in outputs_2.items()
+            if isinstance(result, torch.Tensor)
+            and output.numel() == result.numel()
+            and output.shape[:1] == result.shape[:1]
+            and torch.equal(output.reshape(result.shape), result)
+        ]
         if not self.result_modules:
             # Logits averaged over several heads (timm / transformers LeViT with distillation): each head's Linear.
             self.result_modules = [name for name in same_shape if isinstance(self.modules[name], nn.Linear)]

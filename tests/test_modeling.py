@@ -192,12 +192,14 @@ def test_make_student_timm_without_creation_args_falls_back_to_reinitialised_cop
     assert_fresh_student(make_student(teacher), teacher)
 
 
-def test_make_student_timm_fallback_refuses_parameters_nothing_resets():
+def test_make_student_timm_fallback_reinitialises_parameters_nothing_resets(caplog):
     # ConvNeXt's layer-scale gamma is a naked nn.Parameter that neither reset_parameters() nor init_weights() covers.
     teacher = simulate_training(timm_convnext())
     del teacher._model_args
-    with pytest.raises(ValueError, match=r"gamma.*reset_parameters"):
-        make_student(teacher)
+    with caplog.at_level("WARNING"):
+        student = make_student(teacher)
+    assert_fresh_student(student, teacher)
+    assert any("gamma" in r.getMessage() and "truncated normal" in r.getMessage() for r in caplog.records)
 
 
 def test_make_student_timm_keeps_classifier_resized_after_creation():
@@ -225,10 +227,35 @@ class ResettableScaledLinear(ScaledLinear):
         nn.init.normal_(self.scale)
 
 
-def test_make_student_refuses_naked_parameter():
+def test_make_student_reinitialises_naked_parameters_and_says_so(caplog):
+    """torchvision's ViT / Swin own position embeddings, tokens and bias tables with no reset_parameters()."""
     teacher = nn.Sequential(ScaledLinear(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match=r"0\.scale.*reset_parameters\(\)"):
-        make_student(teacher)
+    with caplog.at_level("WARNING"):
+        student = make_student(teacher)
+    scale = student[0].scale
+    assert not torch.equal(scale, teacher[0].scale) and scale.abs().max() <= 0.04  # truncated normal, std 0.02
+    assert any("0.scale" in r.getMessage() and "reset_parameters()" in r.getMessage() for r in caplog.records)
+
+
+class IdentityMixer(nn.Module):
+    """Initialised to the identity whatever the seed, as timm ConViT's `v` projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(4))
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(4))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def test_make_student_accepts_a_seed_independent_initialisation():
+    teacher = nn.Sequential(IdentityMixer(), nn.Linear(4, 2))
+    student = make_student(teacher)  # weight equals the untrained teacher's, by design, not by a copy
+    assert torch.equal(student[0].weight, torch.eye(4)) and student[0].weight is not teacher[0].weight
 
 
 def test_make_student_accepts_custom_module_with_reset_parameters():

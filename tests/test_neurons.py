@@ -79,3 +79,12 @@ def test_batch_layout_finds_rows_per_sample_batch_free_outputs_and_interleaved_r
 
     assert batch_layout(interleaved(batch_2), interleaved(batch_3)) == ("unsupported", 0)
     assert batch_layout(torch.randn(4, 3), torch.randn(5, 3)) == ("unsupported", 0)
+
+
+def test_a_1x1_conv_classifier_is_found_as_the_logits_module():
+    """timm DLA / DPN: the classifier is a 1x1 convolution after global pooling, its output flattened."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 10, 1), nn.Flatten()).eval()
+    recorder = NeuronRecorder(find_clone_modules(model))
+    recorder.probe(model, torch.randn(2, 3, 8, 8))
+    assert recorder.result_modules == ["2"]
+    recorder.remove()
