@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
-from transformers import Trainer, default_data_collator
+from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 from transformers.utils import logging
 
@@ -32,10 +32,12 @@ from .data import (
     prepare_dataset,
     resolve_preprocessing,
 )
+from .device_data import DeviceBatchTransform, DeviceImageSet, collate
 from .hub import _hub_repo_id, build_model_card, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
 from .modeling import disable_dropout, forward_logits, load_model, make_student, model_family, num_classes, save_native
 from .neurons import NeuronRecorder, channel_dim, find_clone_modules, per_sample, per_sample_channel_dim
+from .timing import StepTimer
 
 logger = logging.get_logger(__name__)
 
@@ -196,13 +198,15 @@ class MedicCloner(Trainer):
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=data_collator or default_data_collator,
+            data_collator=data_collator or collate,
             processing_class=processing_class,
             compute_metrics=compute_metrics or accuracy_metrics,
             callbacks=callbacks,
             optimizers=optimizers,
             **kwargs,
         )
+        self.step_timer = StepTimer()  # the training steps' own time, against the whole run's (docs/performance.md)
+        self.add_callback(self.step_timer)
         # Our loss is a per-batch mean that knows nothing of `num_items_in_batch`.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -243,6 +247,11 @@ class MedicCloner(Trainer):
                 transform = build_transform(preprocessing, train=train)
                 if train and image_column is not None:
                     self._log_preprocessing(preprocessing, dataset, image_column)
+                if image_column is not None and self._fits_on_device(dataset, preprocessing):
+                    check_labels(dataset, label_column, self.num_classes)
+                    return DeviceImageSet.from_dataset(
+                        dataset, image_column, label_column, preprocessing, device=self.args.device
+                    )
         return prepare_dataset(
             dataset,
             transform=transform,
@@ -250,6 +259,26 @@ class MedicCloner(Trainer):
             image_column=image_column,
             label_column=label_column,
         )
+
+    def _fits_on_device(self, dataset: datasets.Dataset, preprocessing: dict) -> bool:
+        """device_data='auto': decode the set once onto the device when it takes at most device_data_max_mb."""
+        if self.args.device_data != "auto":
+            return False
+        if DeviceImageSet.nbytes(dataset, preprocessing) > self.args.device_data_max_mb * 2**20:
+            logger.info(f"The data set ({len(dataset)} rows) exceeds device_data_max_mb: per-image loading.")
+            return False
+        self.device_transform = DeviceBatchTransform(preprocessing)
+        if self.args.device.type != "cpu":
+            # Batches are indexed on the device: no worker processes, nothing to pin.
+            self.args.dataloader_num_workers = 0
+            self.args.dataloader_pin_memory = False
+        return True
+
+    def _model_input(self, pixel_values: torch.Tensor, *, train: bool) -> torch.Tensor:
+        """Batches of a device-resident set are uint8: augment (in training) and normalise them here, batched."""
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values
+        return self.device_transform(pixel_values.to(self.args.device), train=train and self.args.augment)
 
     def _user_transformed(self, dataset: datasets.Dataset):
         """A data set with the user's own transform (`with_transform` / `set_transform`), used as it is."""
@@ -343,7 +372,7 @@ class MedicCloner(Trainer):
         if dataset is None:
             raise ValueError("MedicCloner needs a train_dataset (the clean samples to clone on).")
         batch = self.data_collator([dataset[i] for i in range(min(2, len(dataset)))])
-        pixel_values = batch["pixel_values"].to(self.args.device)
+        pixel_values = self._model_input(batch["pixel_values"].to(self.args.device), train=False)
         student = self.model
         was_training = student.training
         student.eval()
@@ -419,7 +448,7 @@ class MedicCloner(Trainer):
         stats = NeuronStats(self.channel_dims, self.args.stats_granularity, self.args.sigma_floor)
         bar = tqdm(loader, desc="MEDIC statistics", disable=not self.is_local_process_zero() or self.args.disable_tqdm)
         for batch in bar:
-            forward_logits(self.teacher, batch["pixel_values"].to(self.args.device))
+            forward_logits(self.teacher, self._model_input(batch["pixel_values"].to(self.args.device), train=True))
             stats.update(self.teacher_recorder.by_sample(self.teacher_recorder.pop()))
         stats.finalize()
         return stats
@@ -474,7 +503,7 @@ class MedicCloner(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """L = CE(student(x), y) + λ · mean over the batch of Σ_layers Σ_i w_i ((f*_i − f^c_i)/σ_i)²."""
-        pixel_values, labels = inputs["pixel_values"], inputs["labels"]
+        pixel_values, labels = self._model_input(inputs["pixel_values"], train=model.training), inputs["labels"]
         if not model.training:  # evaluation: the student's cross-entropy only
             logits = forward_logits(model, pixel_values)
             loss = F.cross_entropy(logits.float(), labels)
@@ -693,7 +722,7 @@ class MedicCloner(Trainer):
             for name, dataset in datasets.items():
                 correct, total = torch.zeros((), device=self.args.device), torch.zeros((), device=self.args.device)
                 for batch in self.get_eval_dataloader(dataset):
-                    logits = forward_logits(self.teacher, batch["pixel_values"])
+                    logits = forward_logits(self.teacher, self._model_input(batch["pixel_values"], train=False))
                     preds, labels = self.accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
                     correct += (preds == labels).sum()
                     total += labels.numel()

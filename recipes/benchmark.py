@@ -250,7 +250,9 @@ def run_cell(args, attack, defense, seed, model_dir, data, before, kwargs) -> di
     start = time.perf_counter()
     repaired = DEFENSES[defense][0](trojaned, clean, config)
     seconds = time.perf_counter() - start
+    start = time.perf_counter()
     after = evaluate(repaired, data["test"], data["backdoor"], data["target_class"], args.eval_batch_size)
+    eval_seconds = time.perf_counter() - start
     cell = {
         "attack": attack,
         "defense": defense,
@@ -265,6 +267,7 @@ def run_cell(args, attack, defense, seed, model_dir, data, before, kwargs) -> di
             after["clean_accuracy"],
         ),
         "seconds": round(seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
         "config": json.loads(
             json.dumps(config.to_dict() if hasattr(config, "to_dict") else asdict(config), default=str)
         ),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from medic_hf import MedicCloner, MedicConfig
 from medic_hf.attacks import ATTACK_FILE, load_attack
 from medic_hf.cli import parse_args
 from medic_hf.data import load_image_dataset, subset_from_args
+from medic_hf.device_data import DeviceImageSet
 from medic_hf.modeling import load_model
 
 
@@ -86,6 +88,7 @@ def results_table(before: dict, after: dict) -> str:
 
 
 def main(args: list[str] | None = None) -> dict:
+    started = time.perf_counter()
     script_args, config = parse_args((CloneArguments, MedicConfig), args)
     if not script_args.model_name_or_path or not script_args.dataset_name:
         raise SystemExit("--model_name_or_path and --dataset_name are required (or set them in --config).")
@@ -144,6 +147,15 @@ def main(args: list[str] | None = None) -> dict:
             if any(k.endswith("accuracy") for k in log)
         ],
         "hyperparameters": cloner.hyperparameters(),
+    }
+    # The whole run (data, model, statistics, evaluations, saving) against its training steps alone.
+    wall = time.perf_counter() - started
+    results["timing"] = {
+        "wall_s": round(wall, 2),
+        "train_steps_s": round(cloner.step_timer.seconds, 2),
+        "steps_timed": cloner.step_timer.steps,
+        "wall_over_steps": round(wall / cloner.step_timer.seconds, 3) if cloner.step_timer.seconds else None,
+        "device_data": isinstance(cloner.train_dataset, DeviceImageSet),
     }
     if cloner.is_world_process_zero():
         out = Path(config.output_dir)

@@ -376,7 +376,10 @@ def test_cloner_augments_clean_images_only_when_asked(cifar_tiny, tmp_path, augm
     config = MedicConfig(output_dir=str(tmp_path), augment=augment, disable_tqdm=True, save_strategy="no")
     cloner = MedicCloner(timm_resnet(), config, train_dataset=cifar_tiny["train"].select(range(8)))
     torch.manual_seed(0)
-    draws = [torch.stack([cloner.train_dataset[i]["pixel_values"] for i in range(8)]) for _ in range(2)]
+    # The clean set is decoded once (uint8); the cloner augments each batch as it feeds the models.
+    batch = torch.stack([cloner.train_dataset[i]["pixel_values"] for i in range(8)])
+    draws = [cloner._model_input(batch, train=True) for _ in range(2)]
+    assert torch.equal(cloner._model_input(batch, train=False), cloner._model_input(batch, train=False))
     # crop + flip: two draws of the same rows differ; without augmentation they are identical
     assert torch.equal(draws[0], draws[1]) is not augment
     assert cloner.hyperparameters()["augment (crop + flip)"] is augment
