@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,7 +36,16 @@ from .data import (
 from .device_data import DeviceBatchTransform, DeviceImageSet, collate
 from .hub import _hub_repo_id, build_model_card, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
-from .modeling import disable_dropout, forward_logits, load_model, make_student, model_family, num_classes, save_native
+from .modeling import (
+    disable_dropout,
+    forward_logits,
+    load_model,
+    make_student,
+    model_family,
+    num_classes,
+    save_native,
+    student_from_base,
+)
 from .neurons import NeuronRecorder, channel_dim, find_clone_modules, per_sample, per_sample_channel_dim
 from .timing import StepTimer
 
@@ -106,7 +116,12 @@ class MedicCloner(Trainer):
             model's preprocessing plus light augmentation (random crop with padding, horizontal flip).
         eval_dataset: one data set or a dict such as `{"clean": ds, "backdoor": ds}` (the backdoor set holds
             triggered images of non-target classes labelled with the target: its accuracy is the ASR).
-        student: optionally, a freshly initialised student of the teacher's architecture.
+        student: where the student starts. None (default): a fresh random initialisation of the teacher's
+            architecture (the paper's method). An `nn.Module`: that freshly initialised student. A string: the
+            trusted pretrained base a transfer-learned teacher was fine-tuned from (a timm name with a pretrained
+            tag, an `hf-hub:` id, a transformers Hub id or a local folder, loaded under the teacher's rules); the
+            student holds its weights, with a fresh classifier when the base was trained for other classes
+            (`medic_hf.modeling.student_from_base`).
         image_processor: a transformers image processor to preprocess image columns (else the timm data config
             or the model config is used).
         trust_remote_code: passed to transformers when `model` is a string; off unless you ask.
@@ -126,7 +141,7 @@ class MedicCloner(Trainer):
         callbacks=None,
         optimizers=(None, None),
         *,
-        student: nn.Module | None = None,
+        student: nn.Module | str | None = None,
         image_processor=None,
         trust_remote_code: bool = False,
         dataset_name: str | None = None,
@@ -137,88 +152,62 @@ class MedicCloner(Trainer):
         if not isinstance(args, MedicConfig):
             raise TypeError(f"args must be a MedicConfig, got {type(args).__name__}: build it with MedicConfig(...).")
         # Building a cloner leaves the caller's random state as it was (the Trainer seeds it; train() seeds again).
-        rng_state = _RandomState()
-        try:
-            self._init(model, args, student, image_processor, trust_remote_code, dataset_name, base_model_name)
-            self._init_trainer(
-                student,
-                args,
-                train_dataset,
-                eval_dataset,
-                data_collator,
-                processing_class,
-                compute_metrics,
-                callbacks,
-                optimizers,
+        with _random_state_kept():
+            self.teacher_name, self.base_model_id = _teacher_identity(model, base_model_name)
+            self.base_model_name = self.teacher_name
+            teacher = load_model(model, trust_remote_code=trust_remote_code) if isinstance(model, str) else model
+            teacher.eval().requires_grad_(False)
+            self.teacher = teacher
+            self.num_classes = num_classes(teacher)
+            self.dataset_name = dataset_name
+            self.image_processor = image_processor
+            self.preprocessing: dict | None = None
+            self.resumed_from: str | None = None
+            self.warnings: list[str] = []
+
+            self.student_base = None
+            if isinstance(student, (str, Path)):
+                # Transfer-learned teacher: start from the trusted pretrained weights it was fine-tuned from.
+                self.student_base = _teacher_identity(str(student), None)
+                student = student_from_base(student, teacher, seed=args.seed, trust_remote_code=trust_remote_code)
+            student = make_student(teacher, seed=args.seed) if student is None else student
+            self._raw_train_dataset = train_dataset
+            self.args = args  # the Trainer sets it again; the data preparation below reads it first
+
+            train_dataset = self._prepare_data(train_dataset, train=args.augment)
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: self._prepare_data(v, train=False) for k, v in eval_dataset.items()}
+            else:
+                eval_dataset = self._prepare_data(eval_dataset, train=False)
+
+            super().__init__(
+                model=student,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                data_collator=data_collator or collate,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics or accuracy_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
                 **kwargs,
             )
-        finally:
-            rng_state.restore()
+            self.step_timer = (
+                StepTimer()
+            )  # the training steps' own time, against the whole run's (docs/performance.md)
+            self.add_callback(self.step_timer)
+            # Our loss is a per-batch mean that knows nothing of `num_items_in_batch`.
+            self.model_accepts_loss_kwargs = False
+            self.loss_is_scaled_for_ga = False
+            # The frozen teacher is placed on the device (and under autocast) but never wrapped for DDP.
+            self.teacher = self.accelerator.prepare_model(self.teacher, evaluation_mode=True)
 
-    def _init(self, model, args, student, image_processor, trust_remote_code, dataset_name, base_model_name):
-        self.teacher_name, self.base_model_id = _teacher_identity(model, base_model_name)
-        self.base_model_name = self.teacher_name
-        teacher = load_model(model, trust_remote_code=trust_remote_code) if isinstance(model, str) else model
-        teacher.eval().requires_grad_(False)
-        self.student_given = student is not None
-        self.teacher = teacher
-        self.num_classes = num_classes(teacher)
-        self.dataset_name = dataset_name
-        self.image_processor = image_processor
-        self.preprocessing: dict | None = None
-        self.resumed_from: str | None = None
-        self.warnings: list[str] = []
-
-    def _init_trainer(
-        self,
-        student,
-        args,
-        train_dataset,
-        eval_dataset,
-        data_collator,
-        processing_class,
-        compute_metrics,
-        callbacks,
-        optimizers,
-        **kwargs,
-    ):
-        teacher = self.teacher
-        student = make_student(teacher, seed=args.seed) if student is None else student
-        self._raw_train_dataset = train_dataset
-        self.args = args  # the Trainer sets it again; the data preparation below reads it first
-
-        train_dataset = self._prepare_data(train_dataset, train=args.augment)
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {k: self._prepare_data(v, train=False) for k, v in eval_dataset.items()}
-        else:
-            eval_dataset = self._prepare_data(eval_dataset, train=False)
-
-        super().__init__(
-            model=student,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=data_collator or collate,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics or accuracy_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            **kwargs,
-        )
-        self.step_timer = StepTimer()  # the training steps' own time, against the whole run's (docs/performance.md)
-        self.add_callback(self.step_timer)
-        # Our loss is a per-batch mean that knows nothing of `num_items_in_batch`.
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
-        # The frozen teacher is placed on the device (and under autocast) but never wrapped for DDP.
-        self.teacher = self.accelerator.prepare_model(self.teacher, evaluation_mode=True)
-
-        self._setup_neurons(teacher, student)
-        self.stats = NeuronStats(self.channel_dims, args.stats_granularity, args.sigma_floor)
-        self.metrics_before: dict[str, float] = {}
-        self.metrics_after: dict[str, float] = {}
-        self._running = {"ce": [], "clone": []}
-        self._diagnostics: dict[str, dict[str, float]] | None = None
+            self._setup_neurons(teacher, student)
+            self.stats = NeuronStats(self.channel_dims, args.stats_granularity, args.sigma_floor)
+            self.metrics_before: dict[str, float] = {}
+            self.metrics_after: dict[str, float] = {}
+            self._running = {"ce": [], "clone": []}
+            self._diagnostics: dict[str, dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -655,6 +644,7 @@ class MedicCloner(Trainer):
         settings that change the result (hashes, plus the settings themselves to name what differs)."""
         if getattr(self, "_fingerprint", None) is None:
             settings = {name: _jsonable(getattr(self.args, name, None)) for name in FINGERPRINT_SETTINGS}
+            settings["student_base"] = self.student_base[0] if self.student_base else None
             self._fingerprint = {
                 "teacher": _hash_state_dict(self.accelerator.unwrap_model(self.teacher)),
                 "data": _hash_dataset(self._raw_train_dataset),
@@ -788,6 +778,8 @@ class MedicCloner(Trainer):
             repo_id=self.args.hub_model_id,
             license=self.args.hub_license,
             warnings=self.warnings,
+            student_base=self.student_base[0] if self.student_base else None,
+            student_base_id=self.student_base[1] if self.student_base else None,
         )
         card.save(os.path.join(output_dir, "README.md"))
 
@@ -1002,18 +994,16 @@ def _rounded(values) -> tuple[float, ...]:
     return tuple(round(float(v), 4) for v in values)
 
 
-class _RandomState:
-    """The Python, NumPy and torch random states, to be put back as they were."""
-
-    def __init__(self):
-        self.python = random.getstate()
-        self.numpy = np.random.get_state()
-        self.torch = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-    def restore(self) -> None:
-        random.setstate(self.python)
-        np.random.set_state(self.numpy)
-        torch.set_rng_state(self.torch)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
+@contextlib.contextmanager
+def _random_state_kept():
+    """The Python, NumPy and torch random states are put back as they were when the block ends."""
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)

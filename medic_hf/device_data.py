@@ -64,7 +64,7 @@ class DeviceImageSet(torch.utils.data.Dataset):
                 array = np.array(resize(convert(_as_pil(image))), dtype=np.uint8)
                 array = array[:, :, None] if array.ndim == 2 else array
                 images[start + i] = torch.from_numpy(array).permute(2, 0, 1)
-        labels = torch.as_tensor(_integer_labels(ds, label_column), dtype=torch.int64)
+        labels = torch.tensor(_integer_labels(ds, label_column), dtype=torch.int64)  # copied: read-only array
         return cls(images.to(device), labels.to(device))
 
     @staticmethod

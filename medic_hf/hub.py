@@ -123,6 +123,8 @@ def build_model_card(
     eval_sizes: Mapping[str, int] | None = None,
     license: str | None = None,
     warnings: list[str] | None = None,
+    student_base: str | None = None,
+    student_base_id: str | None = None,
 ) -> ModelCard:
     """Build the model card (README.md) of a MEDIC-sanitized model.
 
@@ -144,6 +146,8 @@ def build_model_card(
         repo_id: the repo the card is for, used in the loading snippet (a placeholder when None).
         license: the license id for the metadata; None writes "unknown" and a note that the teacher's applies.
         warnings: sentences shown in a warning section at the top of the card (e.g. a large accuracy drop).
+        student_base: the trusted pretrained base the student started from (None: a fresh random initialisation);
+            ``student_base_id``, its Hub id, is added to the ``base_model`` metadata.
     """
     library_name = library_name or _LIBRARY_NAMES.get(family, "pytorch")
     base_repo_id = _hub_repo_id(base_model) if base_model_id is _UNSET else base_model_id
@@ -160,12 +164,14 @@ def build_model_card(
         title = "MEDIC-sanitized model"
         teacher_markdown = f"a user-provided image classifier ({family_name})"
     eval_sizes = dict(eval_sizes or {})
+    base_ids = [i for i in (base_repo_id, student_base_id) if i]
+    student_base = _public_name(student_base) if student_base_id is None else student_base
     card_data = ModelCardData(
         library_name=library_name,
         license=license or "unknown",
         tags=["medic", "backdoor-removal", "image-classification", family],
         pipeline_tag="image-classification",
-        base_model=base_repo_id,
+        base_model=base_ids[0] if len(base_ids) == 1 else (base_ids or None),
         datasets=[dataset_repo_id] if dataset_repo_id else None,
         model_name=title,
         eval_results=_eval_results(metrics_before, metrics_after, dataset, dataset_repo_id) or None,
@@ -185,6 +191,7 @@ def build_model_card(
             usage_snippet=_usage_snippet(family, repo_id or _REPO_PLACEHOLDER),
             license_known=license is not None,
             warnings=warnings or [],
+            student_base_markdown=_code_or_link(student_base, student_base_id) if student_base else None,
             extra=extra,
         )
 

@@ -362,6 +362,70 @@ def make_student(teacher: nn.Module, *, seed: int | None = None) -> nn.Module:
     return student
 
 
+def student_from_base(
+    base: str | Path | nn.Module, teacher: nn.Module, *, seed: int | None = None, trust_remote_code: bool = False
+) -> nn.Module:
+    """The student of a transfer-learned teacher, started from the trusted pretrained weights it was fine-tuned from.
+
+    ``base`` is loaded under the teacher's rules (``load_model``: safetensors only, no remote code unless asked): a
+    timm name with a pretrained tag, an ``hf-hub:`` id, a transformers Hub id or a local folder; or an
+    ``nn.Module``. It must be the teacher's architecture: the same state-dict keys and shapes, except the
+    classifier's when the base was trained for another number of classes. Then the student is a fresh model of the
+    teacher's exact configuration (``make_student``) holding the base's values everywhere but in that classifier,
+    which keeps its fresh initialisation.
+
+    Raises:
+        ValueError: naming the first parameter that does not fit, when the base is another architecture.
+    """
+    base_model = load_model(base, trust_remote_code=trust_remote_code) if isinstance(base, (str, Path)) else base
+    student = make_student(teacher, seed=seed)
+    student_state, base_state = student.state_dict(), base_model.state_dict()
+    missing = [k for k in student_state if k not in base_state]
+    unexpected = [k for k in base_state if k not in student_state]
+    if missing or unexpected:
+        raise ValueError(
+            f"The base {_display(base)} is not the teacher's architecture: the teacher has parameters the base lacks "
+            f"({missing[:3]}) and the base has parameters the teacher lacks ({unexpected[:3]}). Pass the pretrained "
+            "weights the teacher was fine-tuned from."
+        )
+    teacher_classes, base_classes = num_classes(teacher), num_classes(base_model)
+    fresh_head = []
+    with torch.no_grad():
+        for key, value in student_state.items():
+            source = base_state[key]
+            if source.shape == value.shape:
+                value.copy_(source.to(value.dtype))
+            elif _differs_by_classes(source.shape, value.shape, base_classes, teacher_classes):
+                fresh_head.append(key)  # the classifier, made for other classes: keep its fresh initialisation
+            else:
+                raise ValueError(
+                    f"The base {_display(base)} does not fit the teacher at {key}: shape {tuple(source.shape)} in the "
+                    f"base, {tuple(value.shape)} in the teacher. The base must be the teacher's architecture (only "
+                    "the classifier may differ, by its number of classes)."
+                )
+    if fresh_head:
+        logger.warning(
+            "The base has %s classes and the teacher %s: the student's classifier (%s) is freshly initialised.",
+            base_classes,
+            teacher_classes,
+            ", ".join(fresh_head),
+        )
+    student.fresh_classifier = fresh_head
+    return student
+
+
+def _differs_by_classes(base_shape, teacher_shape, base_classes, teacher_classes) -> bool:
+    """True when the shapes differ only where the base has its class count and the teacher its own."""
+    if base_classes is None or teacher_classes is None or len(base_shape) != len(teacher_shape):
+        return False
+    pairs = [(b, t) for b, t in zip(base_shape, teacher_shape) if b != t]
+    return bool(pairs) and all(b == base_classes and t == teacher_classes for b, t in pairs)
+
+
+def _display(base) -> str:
+    return repr(str(base)) if isinstance(base, (str, Path)) else type(base).__name__
+
+
 def _fresh_model(teacher: nn.Module, seed: int | None) -> nn.Module:
     family = model_family(teacher)
     with _seeded(seed):

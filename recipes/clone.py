@@ -39,6 +39,14 @@ class CloneArguments:
         default=None,
         metadata={"help": "The trojaned model: a local folder (timm or transformers), a timm name, or a Hub id."},
     )
+    student_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "For a transfer-learned teacher: the trusted pretrained weights it was fine-tuned from (a timm "
+            "name with a pretrained tag, an hf-hub: id, a transformers Hub id or a local folder). The student starts "
+            "from them (a fresh classifier if the classes differ) instead of random values. Default: random."
+        },
+    )
     dataset_name: str = field(
         default=None, metadata={"help": "A Hub data set id or a local folder of parquet files or images."}
     )
@@ -118,6 +126,8 @@ def main(args: list[str] | None = None) -> dict:
         eval_dataset=eval_sets or None,
         dataset_name=script_args.dataset_name,
         base_model_name=script_args.model_name_or_path,
+        student=script_args.student_name_or_path,
+        trust_remote_code=script_args.trust_remote_code,
     )
     checkpoint = config.resume_from_checkpoint
     if checkpoint is None and Path(config.output_dir).is_dir():
@@ -132,6 +142,7 @@ def main(args: list[str] | None = None) -> dict:
 
     results = {
         "model": script_args.model_name_or_path,
+        "student_base": script_args.student_name_or_path,
         "dataset": script_args.dataset_name,
         "clean_samples": len(clean),
         "resumed_from": cloner.resumed_from,

@@ -8,15 +8,10 @@ import torch
 from medic_hf import MedicCloner, MedicConfig
 from medic_hf.data import build_transform
 from medic_hf.device_data import DeviceBatchTransform, DeviceImageSet, collate, random_crop_flip
+from tests.test_data import CIFAR_PREPROCESSING
 from tests.tiny_models import timm_resnet
 
-PREPROCESSING = {
-    "input_size": (3, 32, 32),
-    "mean": (0.4914, 0.4822, 0.4465),
-    "std": (0.247, 0.243, 0.261),
-    "interpolation": "bilinear",
-    "crop_pct": 1.0,
-}
+PREPROCESSING = {**CIFAR_PREPROCESSING, "interpolation": "bilinear"}
 
 
 def image_dataset(n=12, size=32, seed=0) -> datasets.Dataset:

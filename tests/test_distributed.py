@@ -3,12 +3,17 @@
 import json
 import os
 
+import datasets
+import numpy as np
+import pytest
 import torch
 from accelerate import debug_launcher
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medic_hf import MedicCloner, MedicConfig
+from medic_hf.device_data import DeviceImageSet
 from tests.conftest import calibrate, pixel_dataset
 
 GLOBAL_BATCH = 16
@@ -31,8 +36,20 @@ def group_norm_net() -> nn.Module:
     return calibrate(net, pixel_dataset(GLOBAL_BATCH))
 
 
-def first_step(out_dir: str, world_size: int) -> None:
-    """Runs in every process: one MEDIC step on the global batch; rank 0 writes statistics and logged losses."""
+def image_dataset(n: int) -> datasets.Dataset:
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+    return datasets.Dataset.from_dict({"img": images, "label": [i % 10 for i in range(n)]}).cast_column(
+        "img", datasets.Image()
+    )
+
+
+def first_step(out_dir: str, world_size: int, images: bool = False) -> None:
+    """Runs in every process: one MEDIC step on the global batch; rank 0 writes statistics and logged losses.
+
+    With `images`, the clean set is an image column, held decoded by each process (device_data="auto"), without
+    augmentation so that both runs feed the same pixels."""
+    preprocessing = dict(image_size=[32], image_mean=[0.5] * 3, image_std=[0.25] * 3, augment=False)
     cloner = MedicCloner(
         group_norm_net(),
         MedicConfig(
@@ -43,9 +60,11 @@ def first_step(out_dir: str, world_size: int) -> None:
             save_strategy="no",
             disable_tqdm=True,
             use_cpu=True,
+            **(preprocessing if images else {}),
         ),
-        train_dataset=pixel_dataset(GLOBAL_BATCH),
+        train_dataset=image_dataset(GLOBAL_BATCH) if images else pixel_dataset(GLOBAL_BATCH),
     )
+    assert isinstance(cloner.train_dataset, DeviceImageSet) == images
     cloner.train()
     if cloner.is_world_process_zero():
         save_file(cloner.stats.state_dict(), os.path.join(out_dir, "stats.safetensors"))
@@ -58,10 +77,11 @@ def first_step(out_dir: str, world_size: int) -> None:
     cloner.remove_hooks()
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("images", [False, True], ids=["pixel_values", "device_resident_images"])
+def test_two_processes_match_one(tmp_path, images):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    debug_launcher(first_step, args=(one, 1), num_processes=1)
-    debug_launcher(first_step, args=(two, 2), num_processes=2)
+    debug_launcher(first_step, args=(one, 1, images), num_processes=1)
+    debug_launcher(first_step, args=(two, 2, images), num_processes=2)
     stats_one, stats_two = load_file(f"{one}/stats.safetensors"), load_file(f"{two}/stats.safetensors")
     assert stats_one.keys() == stats_two.keys() and stats_one
     for key in stats_one:

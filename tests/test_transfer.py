@@ -1,0 +1,103 @@
+"""Transfer-learned teachers: the student starts from the trusted pretrained base, not from noise."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import ViTForImageClassification
+
+from medic_hf import MedicCloner, MedicConfig
+from medic_hf.modeling import save_native, student_from_base
+from tests.conftest import calibrate, pixel_dataset
+from tests.tiny_models import hf_vit, timm_convnext, timm_resnet
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import clone  # noqa: E402
+
+FIXTURE = str(ROOT / "tests" / "fixtures" / "cifar_tiny")
+
+
+def fine_tuned(base: torch.nn.Module, teacher: torch.nn.Module) -> torch.nn.Module:
+    """The teacher as if fine-tuned from `base`: the base's weights, a little moved, and its own classifier."""
+    teacher_state = teacher.state_dict()
+    with torch.no_grad():
+        for key, value in base.state_dict().items():
+            if teacher_state[key].shape == value.shape and value.is_floating_point():
+                teacher_state[key].copy_(value + 0.01 * torch.randn_like(value))
+    return teacher.eval()
+
+
+def config(tmp_path, **overrides) -> MedicConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_accuracy_drop=None,
+    )
+    return MedicConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("family", ["timm", "transformers"])
+def test_the_student_starts_from_a_local_base_with_a_fresh_classifier(family, tmp_path):
+    torch.manual_seed(0)
+    if family == "timm":
+        base, teacher = timm_resnet(num_classes=5), timm_resnet()
+    else:
+        base, teacher = hf_vit(num_labels=5), hf_vit()
+    base_dir = tmp_path / "base"
+    save_native(base, base_dir)
+    teacher = fine_tuned(base, teacher)
+    cloner = MedicCloner(teacher, config(tmp_path), train_dataset=pixel_dataset(16), student=str(base_dir))
+    student, base_state = cloner.model, base.state_dict()
+    head = set(student.fresh_classifier)
+    assert head and all(base_state[k].shape != student.state_dict()[k].shape for k in head)
+    for key, value in student.state_dict().items():
+        if key not in head:
+            assert torch.equal(value, base_state[key]), key  # the base's weights, not the teacher's
+    assert cloner.student_base == ("base", None)
+    cloner.train()
+    cloner.save_model()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Student initialisation" in card and "`base`" in card and str(tmp_path) not in card
+
+
+def test_a_base_with_the_teachers_classes_keeps_its_classifier():
+    base = timm_resnet()
+    teacher = fine_tuned(base, timm_resnet())
+    student = student_from_base(base, teacher)
+    assert student.fresh_classifier == [] and torch.equal(student.fc.weight, base.fc.weight)
+    assert student.fc.weight.data_ptr() != base.fc.weight.data_ptr()
+
+
+def test_a_base_of_another_architecture_is_refused_naming_the_parameter():
+    teacher = timm_resnet()
+    with pytest.raises(ValueError, match="not the teacher's architecture"):
+        student_from_base(timm_convnext(), teacher)
+    wider = timm_resnet(channels=(16, 32, 64, 256))
+    with pytest.raises(ValueError, match=r"does not fit the teacher at layer4\..*shape"):
+        student_from_base(wider, teacher)
+    vit = ViTForImageClassification(hf_vit().config)
+    with pytest.raises(ValueError, match="not the teacher's architecture"):
+        student_from_base(vit, teacher)
+
+
+def test_the_recipe_takes_student_name_or_path(tmp_path):
+    torch.manual_seed(0)
+    base, teacher = timm_resnet(num_classes=5), timm_resnet()
+    save_native(base, tmp_path / "base")
+    save_native(fine_tuned(base, calibrate(teacher, pixel_dataset(8))), tmp_path / "teacher")
+    results = clone.main(
+        ["--model_name_or_path", str(tmp_path / "teacher"), "--student_name_or_path", str(tmp_path / "base")]
+        + ["--dataset_name", FIXTURE, "--image_size", "32", "--max_steps", "2", "--output_dir", str(tmp_path / "out")]
+        + ["--save_strategy", "no", "--disable_tqdm", "true", "--allow_accuracy_drop", "true"]
+        + ["--max_eval_samples", "20", "--clean_fraction", "1.0"]
+    )
+    assert results["student_base"] == str(tmp_path / "base") and results["steps"] == 2
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["student_base"] == str(tmp_path / "base")
+    assert "## Student initialisation" in (tmp_path / "out" / "README.md").read_text()
