@@ -27,9 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-from benchmark import (  # noqa: E402  (one poison command, one list of attacks)
+from medic_hf.scripts.benchmark import (  # one poison command, one list of attacks
     ALL_ATTACKS,
     ATTACK_VARIANTS,
     base_attack,
@@ -37,6 +35,8 @@ from benchmark import (  # noqa: E402  (one poison command, one list of attacks)
     model_folder,
     poison_flags,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The rows, in table order: the clean model, the six attacks at their defaults, then the variants.
 ATTACKS = ["none"] + ALL_ATTACKS + list(ATTACK_VARIANTS)

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from benchmark import predict  # noqa: E402
-
-from medic_hf.data import load_image_dataset  # noqa: E402
-from medic_hf.modeling import load_model  # noqa: E402
+from medic_hf.data import load_image_dataset
+from medic_hf.modeling import load_model
+from medic_hf.scripts.benchmark import predict
 
 
 def main(argv: list[str] | None = None) -> dict:

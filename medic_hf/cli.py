@@ -1,20 +1,73 @@
-"""Command-line parsing for the recipes: dataclasses, an optional YAML `--config`, command-line overrides."""
+"""The command line: `medic-hf clone|poison|benchmark ...`, and the argument parsing the scripts share.
+
+Scripts parse dataclasses (a script's own arguments, `MedicConfig`, ...) with an optional YAML `--config` whose
+values are defaults the command line overrides. Flags are never abbreviated.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib
 import sys
 from pathlib import Path
+from typing import get_type_hints
 
 import yaml
 from transformers import HfArgumentParser
 
+COMMANDS = {
+    "clone": ("medic_hf.scripts.clone", "remove a backdoor from a model with MEDIC"),
+    "poison": ("medic_hf.scripts.poison", "train a trojaned model, to evaluate removal"),
+    "benchmark": ("medic_hf.scripts.benchmark", "MEDIC against the baseline defenses on attacks x defenses x seeds"),
+}
 
-def parse_args(dataclass_types: tuple, args: list[str] | None = None) -> tuple:
-    """Parse `args` into the dataclasses; values in `--config file.yaml` are defaults the command line overrides."""
-    args = list(sys.argv[1:] if args is None else args)
-    # No abbreviations: `--clone_loss 5` must not silently mean `--clone_loss_weight 5`.
-    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)
+
+class ArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose --help shows each dataclass's own fields as one group and the fields it inherits
+    after them: `MedicConfig`'s options come before the ~140 of `transformers.TrainingArguments`."""
+
+    def _add_dataclass_arguments(self, dtype) -> None:
+        type_hints = get_type_hints(dtype)
+        own = set(dtype.__dict__.get("__annotations__", {}))
+        fields = [field for field in dataclasses.fields(dtype) if field.init]
+        inherited_from = next((base.__name__ for base in dtype.__mro__[1:] if dataclasses.is_dataclass(base)), None)
+        base_names = {
+            f.name for base in dtype.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)
+        }
+        # The class's new fields first, then the inherited defaults it changes (e.g. MedicConfig's learning_rate).
+        new_first = sorted((f for f in fields if f.name in own), key=lambda f: f.name in base_names)
+        groups = [(f"{dtype.__name__} options", new_first)]
+        groups.append((f"{inherited_from} options (inherited)", [f for f in fields if f.name not in own]))
+        for title, group_fields in groups:
+            if not group_fields:
+                continue
+            group = self.add_argument_group(title)
+            for field in group_fields:
+                field.type = type_hints[field.name]
+                self._parse_dataclass_field(group, field)
+
+
+def make_parser(dataclass_types: tuple, description: str | None = None) -> ArgumentParser:
+    """A parser of `dataclass_types` with a `--config file.yaml` option; `description` opens --help."""
+    parser = ArgumentParser(
+        dataclass_types,
+        description=description,
+        usage="%(prog)s [--config FILE.yaml] [--option value ...]   (every option below; --help lists them)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # `--clone_loss 5` must not silently mean `--clone_loss_weight 5`
+    )
     parser.add_argument("--config", type=str, default=None, help="A YAML file of default values.")
+    return parser
+
+
+def parse_args(parser: HfArgumentParser | tuple, args: list[str] | None = None) -> tuple:
+    """Parse `args` into the dataclasses; values in `--config file.yaml` are defaults the command line overrides.
+
+    `parser` is a parser from `make_parser`, or a tuple of dataclass types to make one for.
+    """
+    parser = make_parser(parser) if isinstance(parser, tuple) else parser
+    args = list(sys.argv[1:] if args is None else args)
     config_path = None
     if "--config" in args:
         i = args.index("--config")
@@ -39,3 +92,19 @@ def parse_args(dataclass_types: tuple, args: list[str] | None = None) -> tuple:
 
 def _is_namespace(obj) -> bool:
     return type(obj).__name__ == "Namespace"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`medic-hf <command> [options]`: runs `medic_hf.scripts.<command>.main(options)`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        lines = ["usage: medic-hf {clone,poison,benchmark} [options]   (medic-hf <command> --help for its options)"]
+        lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+        print("\n".join(lines), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    program, sys.argv[0] = sys.argv[0], f"medic-hf {argv[0]}"  # the name --help and errors show
+    try:
+        module.main(argv[1:])
+    finally:
+        sys.argv[0] = program

@@ -22,11 +22,9 @@ class MedicConfig(TrainingArguments):
     loss that matches the (possibly trojaned) teacher's normalised activations where they matter for clean inputs.
 
     MEDIC defaults are the paper's (λ = 10, τ = 5, both criteria, all conv / norm / linear outputs) except two:
-    `clone_logits=False` leaves the classifier's output out, as the authors' published command does; it kept the
-    attack success rate below 10% where cloning the logits did not (docs/removal.md). And `num_train_epochs=30`
-    instead of the paper's 60: the backdoor comes back late in a long run, as the student's accuracy nears the
-    teacher's; across five attacks 30 epochs kept ASR ≤ 6.9% where 40 reached 41% and 60 reached 44%
-    (docs/benchmarks.md, "MEDIC's budget").
+    `clone_logits=False` leaves the classifier's output out, as the authors' published command does, and
+    `num_train_epochs=30` instead of the paper's 60, because the backdoor came back in longer runs. The
+    measurements behind both are in docs/removal.md and docs/benchmarks.md ("MEDIC's budget").
 
     Defaults that differ from `TrainingArguments`, taken from the paper (Appendix D) unless stated:
 
@@ -173,8 +171,8 @@ class MedicConfig(TrainingArguments):
         default=2048.0,
         metadata={
             "help": "The most memory (MiB, N x C x H x W bytes) one decoded data set may take on the device with "
-            "device_data='auto'; larger sets use per-image loading. 5% of CIFAR-10 takes 7.3 MiB, its test split "
-            "29 MiB, 5% of ImageNet at 224 px 9.2 GiB."
+            "device_data='auto'; larger sets use per-image loading. A 5 percent draw of CIFAR-10 takes 7.3 MiB, "
+            "its test split 29 MiB, 5 percent of ImageNet at 224 px 9.2 GiB."
         },
     )
     max_accuracy_drop: float | None = field(

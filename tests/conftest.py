@@ -51,3 +51,15 @@ def calibrate(model: torch.nn.Module, ds) -> torch.nn.Module:
 @pytest.fixture
 def tiny_pixels():
     return pixel_dataset()
+
+
+def benchmark_script(name: str):
+    """A script of benchmarks/ (not a package) imported as a module, without changing the import path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,15 +1,14 @@
 """recipes/benchmark.py end to end on a tiny grid: two attacks x two defenses, then a resume after a crash."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
+from medic_hf.scripts import benchmark
+from tests.conftest import benchmark_script
 
-import benchmark  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURE = str(ROOT / "tests" / "fixtures" / "cifar_tiny")
 POISON_ARGS = (
@@ -104,8 +103,7 @@ def test_attack_variants_make_their_own_poison_command():
 
 
 def test_medic_ablation_summary_applies_the_targets_to_every_attack(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import medic_ablation
+    medic_ablation = benchmark_script("medic_ablation")
 
     def cell(setting, attack, acc_after, asr_after, epochs):
         path = tmp_path / setting / "cells" / attack / "medic" / "seed0.json"
@@ -128,8 +126,7 @@ def test_medic_ablation_summary_applies_the_targets_to_every_attack(tmp_path):
 
 
 def test_attack_table_compares_each_row_with_the_clean_model_trained_as_long(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import attack_table
+    attack_table = benchmark_script("attack_table")
 
     def model(name, acc, asr=None):
         (tmp_path / "runs" / name).mkdir(parents=True)

@@ -31,3 +31,27 @@ def test_unknown_yaml_key_is_refused(tmp_path):
     config.write_text("temprature: 7\n")
     with pytest.raises(SystemExit, match="temprature"):
         parse_args((Script, MedicConfig), ["--config", str(config)])
+
+
+def test_the_console_command_dispatches_and_lists_its_commands(capsys):
+    from medic_hf import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0 and "clone" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        cli.main(["sanitize"])
+    assert done.value.code == 2 and "usage: medic-hf" in capsys.readouterr().err
+
+
+def test_help_opens_with_the_description_and_medics_own_options(capsys):
+    from medic_hf import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["clone", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: medic-hf clone [--config FILE.yaml]")
+    assert text.index("Remove a backdoor") < text.index("CloneArguments options:") < text.index("MedicConfig options:")
+    medic = text.index("MedicConfig options:")
+    assert medic < text.index("--clone_loss_weight") < text.index("TrainingArguments options (inherited):")
+    assert len(text[:medic].splitlines()) < 80  # no wall of usage before the options

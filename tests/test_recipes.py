@@ -1,16 +1,13 @@
 """The recipes end to end on the tiny parquet fixture: make a trojaned model, then sanitize it."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
+from medic_hf.scripts import clone, poison
 
-import clone  # noqa: E402
-import poison  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURE = str(ROOT / "tests" / "fixtures" / "cifar_tiny")
 

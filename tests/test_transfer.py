@@ -1,7 +1,6 @@
 """Transfer-learned teachers: the student starts from the trusted pretrained base, not from noise."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,13 +9,11 @@ from transformers import ViTForImageClassification
 
 from medic_hf import MedicCloner, MedicConfig
 from medic_hf.modeling import save_native, student_from_base
+from medic_hf.scripts import clone
 from tests.conftest import calibrate, pixel_dataset
 from tests.tiny_models import hf_vit, timm_convnext, timm_resnet
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-
-import clone  # noqa: E402
 
 FIXTURE = str(ROOT / "tests" / "fixtures" / "cifar_tiny")
 

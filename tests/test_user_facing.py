@@ -2,7 +2,6 @@
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import datasets
@@ -16,13 +15,11 @@ from transformers import pipeline, set_seed
 from medic_hf import MedicCloner, MedicConfig
 from medic_hf.data import class_balanced_subset, subset_from_args
 from medic_hf.modeling import save_native
+from medic_hf.scripts import clone
 from tests.conftest import calibrate, pixel_dataset
 from tests.tiny_models import hf_vit, timm_resnet
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-
-import clone  # noqa: E402
 
 FIXTURE = str(ROOT / "tests" / "fixtures" / "cifar_tiny")
 
