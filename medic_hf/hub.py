@@ -11,7 +11,7 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub import constants as hf_constants
 
-__all__ = ["build_model_card", "push_folder_to_hub"]
+__all__ = ["build_model_card", "public_name", "push_folder_to_hub"]
 
 _LIBRARY_NAMES = {"timm": "timm", "transformers": "transformers", "torch": "pytorch"}
 _FAMILY_NAMES = {"timm": "a timm model", "transformers": "a transformers model", "torch": "a plain PyTorch model"}
@@ -37,7 +37,7 @@ def _hub_repo_id(name: str | None) -> str | None:
     return None
 
 
-def _public_name(name: str | None) -> str | None:
+def public_name(name: str | None) -> str | None:
     """A local path as its last component ("runs/resnet18-badnets" -> "resnet18-badnets"); other names as given."""
     if not name:
         return name
@@ -153,8 +153,8 @@ def build_model_card(
     base_repo_id = _hub_repo_id(base_model) if base_model_id is _UNSET else base_model_id
     dataset_repo_id = _hub_repo_id(dataset)
     # A card is published: local paths say nothing to its readers and leak the author's file system.
-    base_model = _public_name(base_model) if base_repo_id is None else base_model
-    dataset = _public_name(dataset) if dataset_repo_id is None else dataset
+    base_model = public_name(base_model) if base_repo_id is None else base_model
+    dataset = public_name(dataset) if dataset_repo_id is None else dataset
     family_name = _FAMILY_NAMES.get(family, family)
     if base_model:
         teacher_name = base_model.removeprefix("hf-hub:")
@@ -165,7 +165,7 @@ def build_model_card(
         teacher_markdown = f"a user-provided image classifier ({family_name})"
     eval_sizes = dict(eval_sizes or {})
     base_ids = [i for i in (base_repo_id, student_base_id) if i]
-    student_base = _public_name(student_base) if student_base_id is None else student_base
+    student_base = public_name(student_base) if student_base_id is None else student_base
     card_data = ModelCardData(
         library_name=library_name,
         license=license or "unknown",

@@ -95,6 +95,7 @@ def test_the_recipe_takes_student_name_or_path(tmp_path):
         + ["--save_strategy", "no", "--disable_tqdm", "true", "--allow_accuracy_drop", "true"]
         + ["--max_eval_samples", "20", "--clean_fraction", "1.0"]
     )
-    assert results["student_base"] == str(tmp_path / "base") and results["steps"] == 2
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["student_base"] == str(tmp_path / "base")
+    assert results["student_base"] == "base" and results["steps"] == 2 and results["model"] == "teacher"
+    saved = (tmp_path / "out" / "results.json").read_text()
+    assert json.loads(saved)["student_base"] == "base" and str(tmp_path) not in saved  # uploaded with the model
     assert "## Student initialisation" in (tmp_path / "out" / "README.md").read_text()

@@ -31,6 +31,7 @@ from medic_hf.cli import make_parser as _make_parser
 from medic_hf.cli import parse_args
 from medic_hf.data import load_image_dataset, subset_from_args
 from medic_hf.device_data import DeviceImageSet
+from medic_hf.hub import public_name
 from medic_hf.modeling import load_model
 
 
@@ -147,9 +148,10 @@ def main(args: list[str] | None = None) -> dict:
     cloner.save_model()
 
     results = {
-        "model": script_args.model_name_or_path,
-        "student_base": script_args.student_name_or_path,
-        "dataset": script_args.dataset_name,
+        # results.json is uploaded with the model: names as on the card, no local paths
+        "model": cloner.teacher_name,
+        "student_base": cloner.student_base[0] if cloner.student_base else None,
+        "dataset": public_name(script_args.dataset_name),
         "clean_samples": len(clean),
         "resumed_from": cloner.resumed_from,
         "steps": cloner.state.global_step,
