@@ -153,3 +153,22 @@ def test_attack_table_compares_each_row_with_the_clean_model_trained_as_long(tmp
 def test_benchmark_rejects_a_clean_model_as_an_attack(tmp_path):
     with pytest.raises(SystemExit, match="clean-e80.*choose from"):
         benchmark.main(_args(tmp_path) + ["--attacks", "clean-e80"])
+
+
+def test_authors_wrn_has_their_state_dict_layout_and_their_badnet_trigger():
+    """benchmarks/authors_models.py loads the MEDIC authors' WRN-16-1 checkpoints (82 entries, their names)."""
+    import numpy as np
+    from PIL import Image
+
+    authors = benchmark_script("authors_models")
+    state = authors.AuthorsWRN().state_dict()
+    assert len(state) == 82
+    assert tuple(state["block2.layer.0.convShortcut.weight"].shape) == (32, 16, 1, 1)
+    assert tuple(state["block3.layer.1.conv2.weight"].shape) == (64, 64, 3, 3) and tuple(state["fc.weight"].shape) == (
+        10,
+        64,
+    )
+    assert "block1.layer.0.convShortcut.weight" not in state  # 16 -> 16 channels: identity shortcut
+    stamped = np.array(authors.stamp_badnet(Image.new("RGB", (32, 32), (7, 7, 7))))
+    assert stamped[-3:, -3:, 0].tolist() == [[255, 0, 0], [0, 255, 0], [255, 0, 255]]
+    assert (stamped[-3:, -3:, 0] == stamped[-3:, -3:, 2]).all() and (stamped[:29] == 7).all()
