@@ -172,6 +172,7 @@ class MedicCloner(Trainer):
                 student = student_from_base(student, teacher, seed=args.seed, trust_remote_code=trust_remote_code)
             student = make_student(teacher, seed=args.seed) if student is None else student
             self._raw_train_dataset = train_dataset
+            self._custom_collator = data_collator is not None
             self.args = args  # the Trainer sets it again; the data preparation below reads it first
 
             train_dataset = self._prepare_data(train_dataset, train=args.augment)
@@ -251,7 +252,7 @@ class MedicCloner(Trainer):
 
     def _fits_on_device(self, dataset: datasets.Dataset, preprocessing: dict) -> bool:
         """device_data='auto': decode the set once onto the device when it takes at most device_data_max_mb."""
-        if self.args.device_data != "auto":
+        if self.args.device_data != "auto" or self._custom_collator:  # a user's collator expects rows, not batches
             return False
         if DeviceImageSet.nbytes(dataset, preprocessing) > self.args.device_data_max_mb * 2**20:
             logger.info(f"The data set ({len(dataset)} rows) exceeds device_data_max_mb: per-image loading.")
