@@ -34,7 +34,7 @@ from .data import (
     resolve_preprocessing,
 )
 from .device_data import DeviceBatchTransform, DeviceImageSet, collate
-from .hub import _hub_repo_id, build_model_card, push_folder_to_hub
+from .hub import _hub_repo_id, build_model_card, public_name, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
 from .modeling import (
     disable_dropout,
@@ -154,7 +154,6 @@ class MedicCloner(Trainer):
         # Building a cloner leaves the caller's random state as it was (the Trainer seeds it; train() seeds again).
         with _random_state_kept():
             self.teacher_name, self.base_model_id = _teacher_identity(model, base_model_name)
-            self.base_model_name = self.teacher_name
             teacher = load_model(model, trust_remote_code=trust_remote_code) if isinstance(model, str) else model
             teacher.eval().requires_grad_(False)
             self.teacher = teacher
@@ -806,7 +805,7 @@ class MedicCloner(Trainer):
             "hook_layers": ",".join(a.hook_layers),
             "clone_logits": a.clone_logits,
             "cloned_modules": len(self.teacher_recorder.modules),
-            "left_out_modules": len(getattr(self, "left_out_modules", {})),
+            "left_out_modules": len(self.left_out_modules),
             "stats_granularity": a.stats_granularity,
             "augment (crop + flip)": a.augment,
             "sigma_floor": a.sigma_floor,
@@ -950,12 +949,7 @@ def _teacher_identity(model: nn.Module | str, given_name: str | None) -> tuple[s
     if name is None:
         return _architecture_name(model), None
     hub_id = _hub_repo_id(name)
-    if hub_id is not None:
-        return name, hub_id
-    path = Path(name)
-    if path.exists() or path.is_absolute() or name.startswith((".", "~")):
-        return path.expanduser().resolve().name, None
-    return name, None
+    return (name, hub_id) if hub_id is not None else (public_name(name), None)
 
 
 def _architecture_name(model: nn.Module) -> str:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import ConvertMode, ResizeCenterCrop, _integer_labels
+from .data import ConvertMode, ResizeCenterCrop, _integer_labels, collate_batch
 
 DECODE_BATCH = 256
 
@@ -85,12 +85,8 @@ class DeviceImageSet(torch.utils.data.Dataset):
 
 def collate(features):
     """The collator for both paths: a batch `DeviceImageSet.__getitems__` already stacked passes through; a list
-    of rows is stacked as `transformers.default_data_collator` does."""
-    if isinstance(features, dict):
-        return features
-    from transformers import default_data_collator
-
-    return default_data_collator(features)
+    of rows is stacked by `medic_hf.data.collate_batch`."""
+    return features if isinstance(features, dict) else collate_batch(features)
 
 
 class DeviceBatchTransform:
