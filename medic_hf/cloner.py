@@ -36,6 +36,7 @@ from .data import (
 from .device_data import DeviceBatchTransform, DeviceImageSet, collate
 from .hub import _hub_repo_id, build_model_card, public_name, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
+from .mixing import mix_batch
 from .modeling import (
     disable_dropout,
     forward_logits,
@@ -61,6 +62,11 @@ FINGERPRINT_SETTINGS = (
     "importance",
     "impact_scale",
     "importance_cutoff",
+    "importance_top_fraction",
+    "final_temperature",
+    "clone_loss_schedule",
+    "mix_inputs",
+    "mix_alpha",
     "augment",
     "hook_layers",
     "clone_logits",
@@ -444,8 +450,30 @@ class MedicCloner(Trainer):
 
     # ------------------------------------------------------------------ the loss
 
+    def _progress(self) -> float:
+        """The fraction of training done, 0 at the first step and 1 at the last."""
+        total = max(1, (self.state.max_steps or 1) - 1)
+        return min(1.0, self.state.global_step / total)
+
+    def current_temperature(self) -> float:
+        """τ at this step: `temperature`, moved linearly to `final_temperature` when that is set."""
+        args = self.args
+        if args.final_temperature is None:
+            return args.temperature
+        return args.temperature + (args.final_temperature - args.temperature) * self._progress()
+
+    def current_clone_loss_weight(self) -> float:
+        """λ at this step: constant, or cosine-annealed to 0 at the last step."""
+        weight = self.args.clone_loss_weight
+        if self.args.clone_loss_schedule == "cosine":
+            weight *= 0.5 * (1.0 + math.cos(math.pi * self._progress()))
+        return weight
+
     def _teacher_targets(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict[str, tuple]:
-        """Teacher activations (fp32, detached) and their importance weights, one forward + one autograd.grad."""
+        """Teacher activations (fp32, detached) and their importance weights, one forward + one autograd.grad.
+
+        `labels` are class indices, or class probabilities (B, C) for mixed inputs.
+        """
         args = self.args
         one_sample = pixel_values.shape[0] == 1 and self.needs_teacher_grad
         if one_sample:
@@ -461,6 +489,7 @@ class MedicCloner(Trainer):
                 # Per-sample, sum-reduced: a sample's gradient does not depend on the batch size (Eq. 3).
                 loss = F.cross_entropy(logits.float(), labels, reduction="sum")
                 grads = torch.autograd.grad(loss, list(activations.values()), allow_unused=True)
+        temperature = self.current_temperature()
         log_now = self._is_logging_step()
         diagnostics = {} if log_now else None
         targets = {}
@@ -477,10 +506,11 @@ class MedicCloner(Trainer):
                     mean,
                     std,
                     mode=args.importance,
-                    temperature=args.temperature,
+                    temperature=temperature,
                     impact_temperature=args.impact_temperature,
                     impact_scale=args.impact_scale,
                     cutoff=args.importance_cutoff,
+                    top_fraction=args.importance_top_fraction,
                 )
                 targets[name] = (f[:1], w[:1]) if one_sample else (f, w)
                 if diagnostics is not None:
@@ -498,6 +528,10 @@ class MedicCloner(Trainer):
             loss = F.cross_entropy(logits.float(), labels)
             return (loss, {"logits": logits}) if return_outputs else loss
 
+        if self.args.mix_inputs != "none":
+            pixel_values, labels = mix_batch(
+                pixel_values, labels, self.num_classes, self.args.mix_inputs, self.args.mix_alpha
+            )
         targets = self._teacher_targets(pixel_values, labels)
         self.student_recorder.set_enabled(True)
         try:
@@ -510,7 +544,7 @@ class MedicCloner(Trainer):
         for name, (teacher_f, w) in targets.items():
             clone = clone + layer_clone_loss(teacher_f, student_activations[name].float(), self.stats.std[name], w)
         clone = clone.mean()
-        loss = ce + self.args.clone_loss_weight * clone
+        loss = ce + self.current_clone_loss_weight() * clone
         if not torch.isfinite(loss):
             self._stop_on_non_finite(ce, clone)
         if self.args.logging_strategy != "no":
@@ -802,6 +836,10 @@ class MedicCloner(Trainer):
             "importance": a.importance,
             "impact_scale": a.impact_scale,
             "importance_cutoff": a.importance_cutoff,
+            "importance_top_fraction": a.importance_top_fraction,
+            "final_temperature": a.final_temperature,
+            "clone_loss_schedule": a.clone_loss_schedule,
+            "mix_inputs": a.mix_inputs if a.mix_inputs == "none" else f"{a.mix_inputs} (α = {a.mix_alpha:g})",
             "hook_layers": ",".join(a.hook_layers),
             "clone_logits": a.clone_logits,
             "cloned_modules": len(self.teacher_recorder.modules),

@@ -10,6 +10,8 @@ IMPORTANCE_MODES = ("both", "activation", "impact", "none")
 HOOK_LAYER_KINDS = ("conv", "norm", "linear")
 STATS_GRANULARITIES = ("channel", "neuron")
 IMPACT_SCALES = ("sigma", "rms")
+CLONE_LOSS_SCHEDULES = ("constant", "cosine")
+MIX_INPUTS = ("none", "mixup", "cutmix")
 
 
 @dataclass
@@ -81,6 +83,42 @@ class MedicConfig(TrainingArguments):
             "less important than that on a sample is not cloned at all for it. 0 keeps the paper's soft weights; "
             "1 clones only neurons more important than average."
         },
+    )
+    importance_top_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Hard selection instead of soft weights: per sample and layer, the top fraction of neurons by "
+            "importance weight are cloned with equal weights (summing to 1) and the others not at all. None keeps "
+            "the paper's soft weights."
+        },
+    )
+    final_temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "τ at the last training step, reached linearly from `temperature` (both criteria): a sharper "
+            "selection late in training, when the student nears the teacher. None keeps τ constant."
+        },
+    )
+    clone_loss_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "How λ changes over training: 'constant' (the paper) or 'cosine' (from clone_loss_weight down "
+            "to 0 at the last step, so the low-learning-rate tail learns mostly from the labels).",
+            "choices": list(CLONE_LOSS_SCHEDULES),
+        },
+    )
+    mix_inputs: str = field(
+        default="none",
+        metadata={
+            "help": "Mix pairs of clean images within each batch before both models see them: 'mixup' (Zhang et al. "
+            "2018) or 'cutmix' (Yun et al. 2019), with the labels mixed in the same proportion; the teacher's "
+            "activations on the mixed images are the targets. 'none': the paper.",
+            "choices": list(MIX_INPUTS),
+        },
+    )
+    mix_alpha: float = field(
+        default=1.0,
+        metadata={"help": "The Beta(α, α) parameter of the mixing proportion when mix_inputs is not 'none'."},
     )
     augment: bool = field(
         default=True,
@@ -252,6 +290,16 @@ class MedicConfig(TrainingArguments):
             raise ValueError("clone_loss_weight must be >= 0.")
         if self.importance_cutoff < 0:
             raise ValueError("importance_cutoff must be >= 0.")
+        if self.importance_top_fraction is not None and not 0 < self.importance_top_fraction <= 1:
+            raise ValueError(f"importance_top_fraction={self.importance_top_fraction}: use a value in (0, 1] or None.")
+        if self.final_temperature is not None and self.final_temperature < 0:
+            raise ValueError("final_temperature must be >= 0 (or None for a constant τ).")
+        if self.clone_loss_schedule not in CLONE_LOSS_SCHEDULES:
+            raise ValueError(f"clone_loss_schedule={self.clone_loss_schedule!r}: use one of {CLONE_LOSS_SCHEDULES}.")
+        if self.mix_inputs not in MIX_INPUTS:
+            raise ValueError(f"mix_inputs={self.mix_inputs!r}: choose one of {MIX_INPUTS}.")
+        if self.mix_alpha <= 0:
+            raise ValueError("mix_alpha must be > 0.")
         if self.sigma_floor <= 0:
             raise ValueError("sigma_floor must be > 0.")
         if self.device_data not in ("auto", "never"):

@@ -122,11 +122,13 @@ def importance_weights(
     impact_temperature: float | None = None,
     impact_scale: str = "sigma",
     cutoff: float = 0.0,
+    top_fraction: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. 4, w = sqrt(w_act · w_imp), or one criterion alone, or uniform. Returns w (B, N) and the parts.
 
     With `cutoff` > 0, weights below cutoff / N are set to 0: a neuron less important than that on a sample is not
-    cloned at all for it, instead of being cloned with a small weight.
+    cloned at all for it, instead of being cloned with a small weight. With `top_fraction`, the ceil(top_fraction·N)
+    neurons of highest weight get 1/k each and the others 0 (hard selection).
     """
     n = f[0].numel()
     tau_imp = temperature if impact_temperature is None else impact_temperature
@@ -148,7 +150,15 @@ def importance_weights(
         w = parts[mode]
     if cutoff > 0:
         w = torch.where(w >= cutoff / n, w, torch.zeros_like(w))
+    if top_fraction is not None:
+        w = top_k_uniform(w, math.ceil(top_fraction * n))
     return w, parts
+
+
+def top_k_uniform(w: Tensor, k: int) -> Tensor:
+    """Weight 1/k on each row's k largest entries, 0 elsewhere. Returns a tensor shaped like w (B, N)."""
+    selected = torch.zeros_like(w).scatter_(1, w.topk(k, dim=1).indices, 1.0 / k)
+    return selected
 
 
 def layer_clone_loss(teacher: Tensor, student: Tensor, std: Tensor, weights: Tensor) -> Tensor:

@@ -1,0 +1,108 @@
+"""The robust-default study's options: hard selection, τ and λ schedules, mixed inputs (docs/robust_default.md)."""
+
+import math
+
+import pytest
+import torch
+
+from medic_hf import MedicCloner, MedicConfig
+from medic_hf.importance import importance_weights, top_k_uniform
+from medic_hf.mixing import mix_batch, paste_box
+from tests.conftest import calibrate, pixel_dataset
+from tests.test_cloner import make_config
+from tests.tiny_models import ALL_TINY_MODELS
+
+
+def test_top_k_uniform_by_hand():
+    w = torch.tensor([[0.1, 0.5, 0.2, 0.2], [0.4, 0.3, 0.2, 0.1]])
+    assert torch.equal(top_k_uniform(w, 1), torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    assert torch.equal(top_k_uniform(w[1:], 2), torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
+
+
+def test_top_fraction_keeps_the_most_important_neurons_with_equal_weights():
+    f = torch.tensor([[[3.0]], [[0.0]], [[1.0]], [[-2.0]]]).reshape(1, 4)  # one sample, four neurons
+    mean, std = torch.zeros(4), torch.ones(4)
+    w, _ = importance_weights(f, None, mean, std, mode="activation", temperature=1.0, top_fraction=0.5)
+    # |f - μ| / σ = 3, 0, 1, 2: the top half (ceil(0.5 · 4) = 2 neurons) is neurons 0 and 3
+    assert torch.equal(w, torch.tensor([[0.5, 0.0, 0.0, 0.5]]))
+    w, _ = importance_weights(f, None, mean, std, mode="activation", temperature=1.0, top_fraction=0.3)
+    assert torch.equal(w, torch.tensor([[0.5, 0.0, 0.0, 0.5]]))  # ceil(0.3 · 4) = 2 as well
+
+
+def test_mixup_mixes_images_and_labels_in_the_same_proportion():
+    torch.manual_seed(0)
+    x = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
+    mixed, targets = mix_batch(x, torch.tensor([0, 2]), 3, "mixup", alpha=1.0)
+    for i in range(2):
+        share_of_ones = mixed[i].mean().item()  # image 1 is all ones, image 0 all zeros
+        assert targets[i].sum().item() == pytest.approx(1.0)
+        assert targets[i, 2].item() == pytest.approx(share_of_ones, abs=1e-6)
+        assert targets[i, 1].item() == 0
+
+
+def test_cutmix_box_share_is_the_label_share():
+    torch.manual_seed(1)
+    x, other = torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8)
+    for lam in (0.2, 0.5, 0.9):
+        mixed, kept = paste_box(x, other, lam)
+        assert 1.0 - mixed.mean().item() == pytest.approx(kept)
+
+
+def test_mixing_a_single_image_returns_it_with_one_hot_labels():
+    x = torch.rand(1, 3, 4, 4)
+    mixed, targets = mix_batch(x, torch.tensor([1]), 3, "cutmix")
+    assert torch.equal(mixed, x) and torch.equal(targets, torch.tensor([[0.0, 1.0, 0.0]]))
+
+
+def test_schedules_of_temperature_and_clone_weight(tmp_path):
+    data = pixel_dataset(8)
+    teacher = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
+    config = make_config(tmp_path, final_temperature=9.0, clone_loss_schedule="cosine", max_steps=5)
+    cloner = MedicCloner(teacher, config, train_dataset=data)
+    cloner.state.max_steps = 5
+    expected = {0: (5.0, 10.0), 2: (7.0, 5.0), 4: (9.0, 0.0)}  # τ linear 5 → 9, λ = 10·(1 + cos(π t / 4)) / 2
+    for step, (tau, weight) in expected.items():
+        cloner.state.global_step = step
+        assert cloner.current_temperature() == pytest.approx(tau)
+        assert cloner.current_clone_loss_weight() == pytest.approx(weight, abs=1e-9)
+    cloner.state.global_step = 1
+    assert cloner.current_clone_loss_weight() == pytest.approx(5 * (1 + math.cos(math.pi / 4)))
+    cloner.remove_hooks()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"importance_top_fraction": 0.25},
+        {"final_temperature": 10.0, "clone_loss_schedule": "cosine"},
+        {"mix_inputs": "mixup"},
+        {"mix_inputs": "cutmix", "mix_alpha": 0.5},
+    ],
+)
+def test_each_option_trains_and_is_in_the_fingerprint_and_card(options, tmp_path):
+    data = pixel_dataset(16)
+    teacher = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
+    cloner = MedicCloner(teacher, make_config(tmp_path, num_train_epochs=1, **options), train_dataset=data)
+    cloner.train()
+    losses = [log["loss"] for log in cloner.state.log_history if "loss" in log]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    settings = cloner.fingerprint()["settings"]
+    assert all(settings[name] == value for name, value in options.items())
+    assert set(options) <= set(cloner.hyperparameters()) | {"mix_alpha"}
+    cloner.remove_hooks()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"importance_top_fraction": 0.0}, "importance_top_fraction"),
+        ({"importance_top_fraction": 1.5}, "importance_top_fraction"),
+        ({"final_temperature": -1.0}, "final_temperature"),
+        ({"clone_loss_schedule": "linear"}, "clone_loss_schedule"),
+        ({"mix_inputs": "cutout"}, "mix_inputs"),
+        ({"mix_alpha": 0.0}, "mix_alpha"),
+    ],
+)
+def test_bad_values_name_the_option(options, message):
+    with pytest.raises(ValueError, match=message):
+        MedicConfig(output_dir="x", **options)
