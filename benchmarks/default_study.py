@@ -209,7 +209,7 @@ def plot(model: str, runs_by_setting: dict[str, dict[int, dict]], path: Path) ->
     teacher = None
     for i, (setting, runs) in enumerate(runs_by_setting.items()):
         colour = colours[i % len(colours)]
-        for j, (seed, result) in enumerate(sorted(runs.items())):
+        for j, (_seed, result) in enumerate(sorted(runs.items())):
             points = curve(result)
             teacher = 100 * result["before"]["clean_accuracy"]
             label = setting if j == 0 else None
