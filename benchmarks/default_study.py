@@ -39,6 +39,7 @@ SETTINGS = {
     "top25": ["--importance_top_fraction", "0.25"],
     "mixup": ["--mix_inputs", "mixup"],
     "cutmix": ["--mix_inputs", "cutmix"],
+    "ema": ["--ema_decay", "0.998"],
     "sgd": [
         "--coupled_weight_decay", "false", "--optim", "sgd", "--optim_args", "momentum=0.9,nesterov=true",
         "--learning_rate", "0.05", "--weight_decay", "5e-4",

@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 from transformers.utils import logging
 
+from .averaging import WeightAverage
 from .config import MedicConfig
 from .data import (
     TorchImageDataset,
@@ -54,6 +55,7 @@ logger = logging.get_logger(__name__)
 
 STATS_FILE = "medic_stats.safetensors"
 STATE_FILE = "medic_state.json"
+AVERAGE_FILE = "medic_average.safetensors"
 # The settings a resumed run must share with its checkpoint: they change what the student becomes.
 FINGERPRINT_SETTINGS = (
     "clone_loss_weight",
@@ -67,6 +69,7 @@ FINGERPRINT_SETTINGS = (
     "clone_loss_schedule",
     "mix_inputs",
     "mix_alpha",
+    "ema_decay",
     "augment",
     "hook_layers",
     "clone_logits",
@@ -202,6 +205,10 @@ class MedicCloner(Trainer):
                 StepTimer()
             )  # the training steps' own time, against the whole run's (docs/performance.md)
             self.add_callback(self.step_timer)
+            self.weight_average = None
+            if args.ema_decay > 0:
+                self.weight_average = WeightAverage(self.accelerator.unwrap_model(self.model), args.ema_decay)
+                self.add_callback(_UpdateAverage(self))
             # Our loss is a per-batch mean that knows nothing of `num_items_in_batch`.
             self.model_accepts_loss_kwargs = False
             self.loss_is_scaled_for_ga = False
@@ -624,6 +631,8 @@ class MedicCloner(Trainer):
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             restore_dropout()
+        if self.weight_average is not None:  # the average is the sanitized model: evaluated, saved and pushed
+            self.weight_average.copy_to(self.accelerator.unwrap_model(self.model))
         if self.eval_dataset is not None:
             # Reuse an evaluation the Trainer just ran at the final step, else evaluate now.
             final = {}
@@ -716,6 +725,8 @@ class MedicCloner(Trainer):
             state = json.loads(Path(checkpoint, STATE_FILE).read_text())
             self.metrics_before = state.get("metrics_before", {})
             self.resumed_from = Path(checkpoint).name
+            if self.weight_average is not None:
+                self.weight_average.load_state_dict(load_file(os.path.join(checkpoint, AVERAGE_FILE)))
             logger.warning(
                 f"Resuming from {checkpoint} (same teacher, clean data and settings): its statistics and 'before' "
                 "metrics are reused."
@@ -725,6 +736,13 @@ class MedicCloner(Trainer):
             if self.eval_dataset is not None and not self.metrics_before:
                 self.metrics_before = self.evaluate_teacher()
         self.stats.to(self.args.device)
+
+    def evaluate(self, *args, **kwargs):
+        """The student's metrics; those of its weight average when `ema_decay` > 0."""
+        if self.weight_average is None:
+            return super().evaluate(*args, **kwargs)
+        with self.weight_average.applied(self.accelerator.unwrap_model(self.model)):
+            return super().evaluate(*args, **kwargs)
 
     def get_eval_dataloader(self, eval_dataset=None):
         """Evaluation sees every image: `dataloader_drop_last` is about training batches."""
@@ -763,6 +781,8 @@ class MedicCloner(Trainer):
         save_file(self.stats.state_dict(), os.path.join(folder, STATS_FILE))
         state = {"metrics_before": self.metrics_before, "fingerprint": self.fingerprint()}
         Path(folder, STATE_FILE).write_text(json.dumps(state, indent=2))
+        if self.weight_average is not None:
+            save_file(self.weight_average.state_dict(), os.path.join(folder, AVERAGE_FILE))
 
     # ------------------------------------------------------------------ saving and the Hub
 
@@ -839,6 +859,7 @@ class MedicCloner(Trainer):
             "importance_top_fraction": a.importance_top_fraction,
             "final_temperature": a.final_temperature,
             "clone_loss_schedule": a.clone_loss_schedule,
+            "ema_decay": a.ema_decay,
             "mix_inputs": a.mix_inputs if a.mix_inputs == "none" else f"{a.mix_inputs} (α = {a.mix_alpha:g})",
             "hook_layers": ",".join(a.hook_layers),
             "clone_logits": a.clone_logits,
@@ -898,6 +919,16 @@ class MedicCloner(Trainer):
         for recorder in ("teacher_recorder", "student_recorder"):
             if hasattr(self, recorder):
                 getattr(self, recorder).remove()
+
+
+class _UpdateAverage(TrainerCallback):
+    """Updates the cloner's weight average after every optimizer step."""
+
+    def __init__(self, cloner: MedicCloner):
+        self.cloner = cloner
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.cloner.weight_average.update(self.cloner.accelerator.unwrap_model(self.cloner.model))
 
 
 def _log_left_out(left_out: dict[str, str]) -> None:

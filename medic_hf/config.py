@@ -120,6 +120,14 @@ class MedicConfig(TrainingArguments):
         default=1.0,
         metadata={"help": "The Beta(α, α) parameter of the mixing proportion when mix_inputs is not 'none'."},
     )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Keep an exponential moving average of the student's weights with this decay (e.g. 0.998; "
+            "Polyak averaging, as timm's ModelEmaV3) and evaluate and save the average instead of the last "
+            "weights. 0: off (the paper)."
+        },
+    )
     augment: bool = field(
         default=True,
         metadata={
@@ -298,6 +306,8 @@ class MedicConfig(TrainingArguments):
             raise ValueError(f"clone_loss_schedule={self.clone_loss_schedule!r}: use one of {CLONE_LOSS_SCHEDULES}.")
         if self.mix_inputs not in MIX_INPUTS:
             raise ValueError(f"mix_inputs={self.mix_inputs!r}: choose one of {MIX_INPUTS}.")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay}: use 0 (off) or a value in (0, 1), e.g. 0.998.")
         if self.mix_alpha <= 0:
             raise ValueError("mix_alpha must be > 0.")
         if self.sigma_floor <= 0:

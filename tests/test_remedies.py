@@ -106,3 +106,46 @@ def test_each_option_trains_and_is_in_the_fingerprint_and_card(options, tmp_path
 def test_bad_values_name_the_option(options, message):
     with pytest.raises(ValueError, match=message):
         MedicConfig(output_dir="x", **options)
+
+
+def test_weight_average_by_hand():
+    from medic_hf.averaging import WeightAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    average = WeightAverage(model, decay=0.75, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(6.0)
+    average.update(model)  # 0.75 · 2 + 0.25 · 6 = 3
+    assert average.shadow["weight"].item() == pytest.approx(3.0)
+    with average.applied(model):
+        assert model.weight.item() == pytest.approx(3.0)
+    assert model.weight.item() == pytest.approx(6.0)
+    warm = WeightAverage(model, decay=0.999)
+    assert warm.current_decay() == pytest.approx(0.1)  # timm's warmup: (1 + 0) / (10 + 0)
+
+
+def test_ema_student_is_what_is_evaluated_saved_and_resumed(tmp_path):
+    from safetensors.torch import load_file
+
+    data = pixel_dataset(16)
+    teacher = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
+    config = make_config(tmp_path, num_train_epochs=2, ema_decay=0.9, save_strategy="epoch")
+    cloner = MedicCloner(teacher, config, train_dataset=data, eval_dataset=data)
+    cloner.train()
+    average = cloner.weight_average
+    assert average.updates == cloner.state.global_step
+    student = cloner.accelerator.unwrap_model(cloner.model).state_dict()
+    assert all(torch.equal(student[name], value) for name, value in average.shadow.items())
+    checkpoint = tmp_path / "out" / f"checkpoint-{cloner.state.global_step}"
+    saved = load_file(str(checkpoint / "medic_average.safetensors"))
+    assert int(saved["updates"]) == average.updates
+    cloner.remove_hooks()
+    # a resumed run reloads the average instead of starting it again from the fresh student
+    first = tmp_path / "out" / "checkpoint-2"
+    assert int(load_file(str(first / "medic_average.safetensors"))["updates"]) == 2
+    resumed = MedicCloner(teacher, config, train_dataset=data, eval_dataset=data)
+    resumed.train(resume_from_checkpoint=str(first))
+    assert resumed.weight_average.updates == cloner.state.global_step  # 2 reloaded + 2 after the resume
+    resumed.remove_hooks()
