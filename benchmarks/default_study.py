@@ -41,8 +41,16 @@ SETTINGS = {
     "cutmix": ["--mix_inputs", "cutmix"],
     "ema": ["--ema_decay", "0.998"],
     "sgd": [
-        "--coupled_weight_decay", "false", "--optim", "sgd", "--optim_args", "momentum=0.9,nesterov=true",
-        "--learning_rate", "0.05", "--weight_decay", "5e-4",
+        "--coupled_weight_decay",
+        "false",
+        "--optim",
+        "sgd",
+        "--optim_args",
+        "momentum=0.9,nesterov=true",
+        "--learning_rate",
+        "0.05",
+        "--weight_decay",
+        "5e-4",
     ],  # fmt: skip
 }
 
@@ -76,9 +84,7 @@ def command(model: str, setting: str, seed: int, args, out: Path) -> list[str]:
 
 def run_all(args) -> None:
     """Every (model, setting, seed) run not done yet, `--jobs` at a time; a failure is reported, the rest go on."""
-    pending = [
-        (model, setting, seed) for model in args.models for setting in args.settings for seed in args.seeds
-    ]
+    pending = [(model, setting, seed) for model in args.models for setting in args.settings for seed in args.seeds]
     running, failed = {}, []
     while pending or running:
         while pending and len(running) < args.jobs:
