@@ -1,4 +1,4 @@
-"""The MEDIC authors' released trojaned CIFAR-10 models, loaded safely and measured on the shared CIFAR-10 copy.
+"""The MEDIC authors' released trojaned CIFAR-10 models, loaded safely, measured on the shared CIFAR-10 copy, cleaned.
 
 The authors' repository (qiulingxu/MEDIC, `backdoor_models/`) holds WRN-16-1 checkpoints (`*.pth.tar`: a dict with
 `state_dict`, `epoch`, `best_clean_acc`, `best_bad_acc`, `optimizer`). They are read with
@@ -6,17 +6,33 @@ The authors' repository (qiulingxu/MEDIC, `backdoor_models/`) holds WRN-16-1 che
 and the files are never copied into this repository: bring a snapshot with the search tool's `fetch`
 (`github:qiulingxu/MEDIC`) and pass its git directory.
 
-Their pipeline, read from their code (`data_loader.py`, `config.py`): CIFAR-10 images are fed as `ToTensor()`
-values in [0, 1], without normalisation. BadNets ("gridTrigger", their default) sets a 3x3 pattern in the
-bottom-right corner, all channels alike, rows from the top: (255, 0, 0), (0, 255, 0), (255, 0, 255). Its target is
-class 5, their default. The other attacks (SIG, warp, clean-label, reflection, composite) need their trigger files
-or settings reproduced exactly, which this script does not do yet.
+Their pipeline, read from their code (`data_loader.py`, `config.py`, `train_adaptive.py`, README): CIFAR-10 images
+are fed as `ToTensor()` values in [0, 1], without normalisation. The attacks whose test trigger their code fixes
+exactly, and which this script reproduces:
 
-    python benchmarks/authors_models.py --mirror /work/.mirror/qiulingxu+MEDIC/repo
-    python benchmarks/authors_models.py --mirror ... --medic     # also MEDIC at its defaults on BadNet (2 seeds)
+- `badnet`: "gridTrigger", their default: a 3x3 pattern in the bottom-right corner, all channels alike, rows from
+  the top (255, 0, 0), (0, 255, 0), (255, 0, 255); target class 5;
+- `cleanlabel`: the same trigger and target at test time (the adversarial perturbation is a training-time device);
+- `sig`: "signalTrigger": `uint8((1 - 0.2) · image + 0.2 · mask)` with their `trigger/signal_cifar10_mask.npy`
+  (not in their repository: it comes from bboylyg/NAD, whose data loader theirs copies; pass `--nad_mirror`);
+  target class 5;
+- `adaptive2` (their "adaptive attack 2"): the learned 3x3 patch in the top-left corner, `sigmoid(trigger)` of the
+  `pattern` stored in the checkpoint, target class 0 (stamped into the 8-bit image: within 1/510 of their float
+  values).
+
+Not reproduced: warp (their warping grid is neither in the checkpoint nor in their code), reflection (random
+reflection images), composite (a ResNet of another code base).
+
+    python benchmarks/authors_models.py --mirror /work/.mirror/qiulingxu+MEDIC/repo \
+        --nad_mirror /work/.mirror/bboylyg+NAD/repo                      # the models' accuracy and ASR
+    python benchmarks/authors_models.py --mirror ... --nad_mirror ... --attacks badnet sig \
+        --settings defaults cosine_lambda --seeds 0 1                      # MEDIC settings of the default study
 
 The models were trained on lossless CIFAR-10; the shared copy is JPEG (quality 75), so clean accuracy is lower than
-the authors' `best_clean_acc`. Writes benchmarks/results/authors_models/results.{json,md}.
+the authors' `best_clean_acc`. Writes benchmarks/results/authors_models/results.{json,md}; each MEDIC run's
+results.json goes where benchmarks/default_study.py reports it from
+(`benchmarks/results/default_study/runs/authors-<attack>/<setting>/seed<k>/`). A run that finished is skipped and
+an interrupted one resumes from its last epoch checkpoint (`runs/authors_models/`).
 """
 
 from __future__ import annotations
@@ -32,13 +48,21 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "benchmarks" / "results" / "authors_models"
-MODELS = {"badnet": "backdoor_models/badnet/WRN-16-1-S-model_best.pth.tar"}
-BADNET_TARGET = 5
+STUDY = ROOT / "benchmarks" / "results" / "default_study" / "runs"
+MODELS = {
+    "badnet": "backdoor_models/badnet/WRN-16-1-S-model_best.pth.tar",
+    "cleanlabel": "backdoor_models/cleanlabel/WRN-16-1-S-model_best.pth.tar",
+    "sig": "backdoor_models/SIG/WRN-16-1-S-model_best.pth.tar",
+    "adaptive2": "backdoor_models/adaptive_attack_2/WRN-16-1-S-model_best.pth.tar",
+}
+TARGETS = {"badnet": 5, "cleanlabel": 5, "sig": 5, "adaptive2": 0}
+SIG_MASK = "trigger/signal_cifar10_mask.npy"  # in bboylyg/NAD
 # The authors' gridTrigger, rows from the top of the 3x3 bottom-right corner.
 BADNET_PATTERN = np.array([[255, 0, 0], [0, 255, 0], [255, 0, 255]], dtype=np.uint8)
 # ToTensor() only: the model's input is the image in [0, 1].
@@ -101,13 +125,18 @@ class AuthorsWRN(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+def git_file(mirror: Path, path: str) -> bytes:
+    return subprocess.run(["git", "-C", str(mirror), "show", f"HEAD:{path}"], check=True, capture_output=True).stdout
+
+
 def load_authors_model(mirror: Path, path: str) -> tuple[AuthorsWRN, dict]:
     """The checkpoint at `path` in the snapshot's HEAD, read with weights_only=True; (model in eval mode, its info)."""
-    blob = subprocess.run(["git", "-C", str(mirror), "show", f"HEAD:{path}"], check=True, capture_output=True).stdout
-    checkpoint = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+    checkpoint = torch.load(io.BytesIO(git_file(mirror, path)), weights_only=True, map_location="cpu")
     model = AuthorsWRN()
     model.load_state_dict(checkpoint["state_dict"])
     info = {k: checkpoint[k] for k in ("epoch", "best_clean_acc", "best_bad_acc") if k in checkpoint}
+    if "pattern" in checkpoint:  # adaptive attack 2: the learned trigger and its mask
+        info["pattern"] = {k: v for k, v in checkpoint["pattern"].items()}
     return model.eval(), info
 
 
@@ -117,11 +146,45 @@ def stamp_badnet(image: Image.Image) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def backdoor_view(test: datasets.Dataset) -> datasets.Dataset:
+def sig_stamper(mask: np.ndarray):
+    """Their signalTrigger: the blend in float64, truncated to uint8 as their `astype('uint8')` does."""
+
+    def stamp(image: Image.Image) -> Image.Image:
+        pixels = np.array(image.convert("RGB"))
+        blended = (1 - 0.2) * pixels + 0.2 * mask.reshape(32, 32, 1)
+        return Image.fromarray(np.clip(blended.astype("uint8"), 0, 255))
+
+    return stamp
+
+
+def pattern_stamper(pattern: dict):
+    """Adaptive attack 2: image · (1 − mask) + sigmoid(trigger) · mask, in 8 bits."""
+    trigger = torch.sigmoid(pattern["trigger"][0]).permute(1, 2, 0).numpy()  # (32, 32, 3) in [0, 1]
+    mask = pattern["mask"][0].permute(1, 2, 0).numpy()
+
+    def stamp(image: Image.Image) -> Image.Image:
+        pixels = np.array(image.convert("RGB")).astype(np.float64) / 255.0
+        stamped = pixels * (1 - mask) + trigger * mask
+        return Image.fromarray(np.round(stamped * 255.0).astype(np.uint8))
+
+    return stamp
+
+
+def backdoor_view(test: datasets.Dataset, stamp=stamp_badnet, target: int = 5) -> datasets.Dataset:
     """Test images of the other classes with the trigger, labelled with the target (their accuracy is the ASR)."""
-    others = test.filter(lambda label: label != BADNET_TARGET, input_columns="label")
-    stamped = others.map(lambda row: {"img": stamp_badnet(row["img"]), "label": BADNET_TARGET})
+    others = test.filter(lambda label: label != target, input_columns="label")
+    stamped = others.map(lambda row: {"img": stamp(row["img"]), "label": target})
     return stamped.cast_column("img", datasets.Image())
+
+
+def stamper(attack: str, info: dict, nad_mirror: Path | None):
+    if attack in ("badnet", "cleanlabel"):
+        return stamp_badnet
+    if attack == "adaptive2":
+        return pattern_stamper(info["pattern"])
+    if nad_mirror is None:
+        raise SystemExit("--attacks sig needs --nad_mirror: the signal mask is in bboylyg/NAD (fetch it).")
+    return sig_stamper(np.load(io.BytesIO(git_file(nad_mirror, SIG_MASK))))
 
 
 @torch.no_grad()
@@ -135,49 +198,75 @@ def accuracy(model: nn.Module, ds: datasets.Dataset, batch_size: int = 500) -> f
     return correct / len(ds)
 
 
-def run_medic(model: nn.Module, data: datasets.DatasetDict, backdoor: datasets.Dataset, seed: int) -> dict:
-    from medic_hf import MedicCloner, MedicConfig
+def study_config(setting: str, seed: int, output_dir: Path, epochs: int, eval_every: int, steps_per_epoch: int):
+    """MedicConfig at the library's defaults plus the study setting's flags, as the command line would build it."""
+    from medic_hf import MedicConfig
+    from medic_hf.cli import ArgumentParser
+
+    settings = yaml.safe_load((Path(__file__).with_name("default_study_settings.yaml")).read_text())
+    flags = [
+        "--output_dir", str(output_dir), "--seed", str(seed), "--num_train_epochs", str(epochs),
+        "--eval_strategy", "steps", "--eval_steps", str(steps_per_epoch * eval_every),
+        "--logging_steps", str(steps_per_epoch), "--save_total_limit", "1", "--disable_tqdm", "true",
+        *settings[setting],
+    ]  # fmt: skip
+    (config,) = ArgumentParser(MedicConfig).parse_args_into_dataclasses(flags)
+    for name, value in PREPROCESSING.items():
+        setattr(config, name, value)
+    config.max_accuracy_drop = None
+    return config
+
+
+def run_medic(model, data, backdoor, attack: str, setting: str, seed: int, args) -> dict | None:
+    """One MEDIC run of the study on an authors' model; its results.json (None when it was done already)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from medic_hf import MedicCloner
     from medic_hf.data import class_balanced_subset
 
+    budget = "" if args.epochs == 30 else f"-e{args.epochs}"
+    result_file = STUDY / f"authors-{attack}" / f"{setting}{budget}" / f"seed{seed}" / "results.json"
+    if result_file.is_file():
+        return None
     clean = class_balanced_subset(data["train"], fraction=0.05, seed=seed)
-    config = MedicConfig(
-        output_dir=str(ROOT / "runs" / "authors_models" / f"medic-badnet-seed{seed}"),
-        seed=seed,
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=100,
-        max_accuracy_drop=None,
-        **PREPROCESSING,
-    )
+    output_dir = ROOT / "runs" / "authors_models" / attack / f"{setting}{budget}" / f"seed{seed}"
+    config = study_config(setting, seed, output_dir, args.epochs, args.eval_every, -(-len(clean) // 64))
     start = time.perf_counter()
     cloner = MedicCloner(
         model, config, train_dataset=clean, eval_dataset={"clean": data["test"], "backdoor": backdoor}
     )
-    cloner.train()
-    return {
+    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    cloner.train(resume_from_checkpoint=checkpoint)
+    cloner.remove_hooks()
+    result = {
+        "model": f"authors-{attack}",
+        "setting": setting,
         "seed": seed,
         "before": cloner.metrics_before,
         "after": cloner.metrics_after,
+        "history": [
+            {k: v for k, v in log.items() if k in ("epoch", "eval_clean_accuracy", "eval_backdoor_accuracy")}
+            for log in cloner.state.log_history
+            if "eval_clean_accuracy" in log or "eval_backdoor_accuracy" in log
+        ],
+        "hyperparameters": {k: str(v) for k, v in cloner.hyperparameters().items()},
         "seconds": round(time.perf_counter() - start, 1),
+        "resumed_from": cloner.resumed_from,
     }
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def markdown(report: dict) -> str:
     lines = [
-        "| model | authors' clean acc. (lossless) | clean acc. (shared JPEG copy) | ASR | epoch |",
-        "|---|---|---|---|---|",
+        "| model | target | authors' clean acc. (lossless) | authors' ASR | clean acc. (JPEG copy) | ASR | epoch |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in report["models"].items():
         lines.append(
-            f"| {name} | {row['best_clean_acc']:.2f}% | {100 * row['clean_accuracy']:.2f}% | "
-            f"{100 * row['attack_success_rate']:.2f}% | {row['epoch']} |"
-        )
-    for run in report.get("medic", []):
-        b, a = run["before"], run["after"]
-        lines.append(
-            f"\nMEDIC defaults, seed {run['seed']}: clean accuracy {100 * b['clean_accuracy']:.2f}% → "
-            f"{100 * a['clean_accuracy']:.2f}%, ASR {100 * b['attack_success_rate']:.2f}% → "
-            f"{100 * a['attack_success_rate']:.2f}% ({run['seconds']} s)"
+            f"| {name} | {row['target']} | {row['best_clean_acc']:.2f}% | {row['best_bad_acc']:.2f}% | "
+            f"{100 * row['clean_accuracy']:.2f}% | {100 * row['attack_success_rate']:.2f}% | {row['epoch']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -185,32 +274,47 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--mirror", required=True, help="Git directory of a qiulingxu/MEDIC snapshot.")
+    parser.add_argument("--nad_mirror", default=None, help="Git directory of a bboylyg/NAD snapshot (for sig).")
     parser.add_argument("--dataset_name", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
-    parser.add_argument("--medic", action="store_true", help="Also run MEDIC at its defaults on the BadNet model.")
+    parser.add_argument("--attacks", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--settings", nargs="*", default=[], help="MEDIC settings of default_study_settings.yaml")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=30, help="the budget; 60 is the no-rebound check")
+    parser.add_argument("--eval_every", type=int, default=5, help="epochs between evaluations")
     args = parser.parse_args(argv)
 
     from medic_hf.data import load_image_dataset
 
     data = load_image_dataset(args.dataset_name)
-    backdoor = backdoor_view(data["test"])
-    report = {"dataset": Path(args.dataset_name).name, "models": {}, "medic": []}
-    for name, path in MODELS.items():
-        model, info = load_authors_model(Path(args.mirror), path)
-        report["models"][name] = {
-            **info,
-            "clean_accuracy": accuracy(model, data["test"]),
-            "attack_success_rate": accuracy(model, backdoor),
-        }
-        print(name, report["models"][name], flush=True)
-    if args.medic:
-        for seed in args.seeds:
-            model, _ = load_authors_model(Path(args.mirror), MODELS["badnet"])
-            report["medic"].append(run_medic(model, data, backdoor, seed))
-            print(report["medic"][-1], flush=True)
-    OUTPUT.mkdir(parents=True, exist_ok=True)
-    (OUTPUT / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (OUTPUT / "results.md").write_text(markdown(report))
+    previous = json.loads((OUTPUT / "results.json").read_text()) if (OUTPUT / "results.json").is_file() else {}
+    report = {"dataset": Path(args.dataset_name).name, "models": previous.get("models", {})}
+    for attack in args.attacks:
+        model, info = load_authors_model(Path(args.mirror), MODELS[attack])
+        backdoor = backdoor_view(
+            data["test"], stamper(attack, info, args.nad_mirror and Path(args.nad_mirror)), TARGETS[attack]
+        )
+        if attack not in report["models"]:
+            report["models"][attack] = {
+                **{k: v for k, v in info.items() if k != "pattern"},
+                "target": TARGETS[attack],
+                "clean_accuracy": accuracy(model, data["test"]),
+                "attack_success_rate": accuracy(model, backdoor),
+            }
+            print(attack, report["models"][attack], flush=True)
+            OUTPUT.mkdir(parents=True, exist_ok=True)
+            (OUTPUT / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+            (OUTPUT / "results.md").write_text(markdown(report))
+        for setting in args.settings:
+            for seed in args.seeds:
+                model, _ = load_authors_model(Path(args.mirror), MODELS[attack])
+                result = run_medic(model, data, backdoor, attack, setting, seed, args)
+                if result:
+                    after = result["after"]
+                    print(
+                        f"{attack}/{setting}/seed{seed}: ACC {100 * after['clean_accuracy']:.2f}%, "
+                        f"ASR {100 * after['attack_success_rate']:.2f}% ({result['seconds']} s)",
+                        flush=True,
+                    )
     print(markdown(report))
     return report
 

@@ -27,32 +27,12 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> MEDIC flags on top of the library's defaults. Where each idea comes from: docs/robust_default.md.
-SETTINGS = {
-    "defaults": [],
-    "tau0": ["--temperature", "0"],  # plain cloning, the reference that copies the backdoor
-    "cosine_lambda": ["--clone_loss_schedule", "cosine"],
-    "tau_to_10": ["--final_temperature", "10"],
-    "top10": ["--importance_top_fraction", "0.1"],
-    "top25": ["--importance_top_fraction", "0.25"],
-    "mixup": ["--mix_inputs", "mixup"],
-    "cutmix": ["--mix_inputs", "cutmix"],
-    "ema": ["--ema_decay", "0.998"],
-    "sgd": [
-        "--coupled_weight_decay",
-        "false",
-        "--optim",
-        "sgd",
-        "--optim_args",
-        "momentum=0.9,nesterov=true",
-        "--learning_rate",
-        "0.05",
-        "--weight_decay",
-        "5e-4",
-    ],  # fmt: skip
-}
+# name -> MEDIC flags on top of the library's defaults (where each idea comes from: docs/robust_default.md)
+SETTINGS = yaml.safe_load((Path(__file__).with_name("default_study_settings.yaml")).read_text())
 
 
 def run_name(model: str, setting: str, seed: int, epochs: int, clean_fraction: float) -> str:

@@ -172,3 +172,23 @@ def test_authors_wrn_has_their_state_dict_layout_and_their_badnet_trigger():
     stamped = np.array(authors.stamp_badnet(Image.new("RGB", (32, 32), (7, 7, 7))))
     assert stamped[-3:, -3:, 0].tolist() == [[255, 0, 0], [0, 255, 0], [255, 0, 255]]
     assert (stamped[-3:, -3:, 0] == stamped[-3:, -3:, 2]).all() and (stamped[:29] == 7).all()
+
+
+def test_authors_sig_and_adaptive_triggers_follow_their_code():
+    """SIG truncates the float blend to uint8 as their astype('uint8'); adaptive 2 pastes sigmoid(trigger) by mask."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    authors = benchmark_script("authors_models")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[0, 0], mask[0, 1] = 255, 14
+    stamped = np.array(authors.sig_stamper(mask)(Image.new("RGB", (32, 32), (101, 101, 101))))
+    # 0.8 · 101 = 80.8 -> 80; + 0.2 · 255 = 131.8 -> 131; + 0.2 · 14 = 83.6 -> 83
+    assert stamped[1, 1].tolist() == [80] * 3 and stamped[0, 0].tolist() == [131] * 3
+    assert stamped[0, 1].tolist() == [83] * 3
+    pattern_mask = torch.zeros(1, 3, 32, 32)
+    pattern_mask[:, :, :3, :3] = 1.0
+    pattern = {"trigger": torch.zeros(1, 3, 32, 32), "mask": pattern_mask}  # sigmoid(0) = 0.5 -> 128 (127.5)
+    stamped = np.array(authors.pattern_stamper(pattern)(Image.new("RGB", (32, 32), (9, 9, 9))))
+    assert (stamped[:3, :3] == 128).all() and (stamped[3:] == 9).all() and (stamped[:, 3:] == 9).all()
