@@ -67,6 +67,14 @@ SIG_MASK = "trigger/signal_cifar10_mask.npy"  # in bboylyg/NAD
 BADNET_PATTERN = np.array([[255, 0, 0], [0, 255, 0], [255, 0, 255]], dtype=np.uint8)
 # ToTensor() only: the model's input is the image in [0, 1].
 PREPROCESSING = dict(image_size=[32], image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
+# Adaptive attack 2's model ("WRN-16-1N") was trained with a `norm=True` option that the released code lacks; the
+# usual CIFAR-10 normalisation is the one that gives it its accuracy and ASR (77.2% / 99.7% on 2,000 test images,
+# against 54-76% and 12-99% for [0.5] and ImageNet's): an inference, said so in docs/robust_default.md.
+NORMALISED = dict(image_size=[32], image_mean=[0.4914, 0.4822, 0.4465], image_std=[0.2023, 0.1994, 0.2010])
+
+
+def preprocessing(attack: str) -> dict:
+    return NORMALISED if attack == "adaptive2" else PREPROCESSING
 
 
 class WRNBlock(nn.Module):
@@ -188,17 +196,19 @@ def stamper(attack: str, info: dict, nad_mirror: Path | None):
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, ds: datasets.Dataset, batch_size: int = 500) -> float:
+def accuracy(model: nn.Module, ds: datasets.Dataset, batch_size: int = 500, preprocess: dict = PREPROCESSING) -> float:
     correct = 0
     for start in range(0, len(ds), batch_size):
         rows = ds[start : start + batch_size]
         x = torch.stack([torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1) for img in rows["img"]])
-        predictions = model(x.float() / 255.0).argmax(-1)
+        mean = torch.tensor(preprocess["image_mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(preprocess["image_std"]).view(1, 3, 1, 1)
+        predictions = model((x.float() / 255.0 - mean) / std).argmax(-1)
         correct += int((predictions == torch.tensor(rows["label"])).sum())
     return correct / len(ds)
 
 
-def study_config(setting: str, seed: int, output_dir: Path, epochs: int, eval_every: int, steps_per_epoch: int):
+def study_config(attack: str, setting: str, seed: int, output_dir: Path, epochs: int, eval_every: int, steps: int):
     """MedicConfig at the library's defaults plus the study setting's flags, as the command line would build it."""
     from medic_hf import MedicConfig
     from medic_hf.cli import ArgumentParser
@@ -206,12 +216,12 @@ def study_config(setting: str, seed: int, output_dir: Path, epochs: int, eval_ev
     settings = yaml.safe_load((Path(__file__).with_name("default_study_settings.yaml")).read_text())
     flags = [
         "--output_dir", str(output_dir), "--seed", str(seed), "--num_train_epochs", str(epochs),
-        "--eval_strategy", "steps", "--eval_steps", str(steps_per_epoch * eval_every),
-        "--logging_steps", str(steps_per_epoch), "--save_total_limit", "1", "--disable_tqdm", "true",
+        "--eval_strategy", "steps", "--eval_steps", str(steps * eval_every),
+        "--logging_steps", str(steps), "--save_total_limit", "1", "--disable_tqdm", "true",
         *settings[setting],
     ]  # fmt: skip
     (config,) = ArgumentParser(MedicConfig).parse_args_into_dataclasses(flags)
-    for name, value in PREPROCESSING.items():
+    for name, value in preprocessing(attack).items():
         setattr(config, name, value)
     config.max_accuracy_drop = None
     return config
@@ -230,7 +240,7 @@ def run_medic(model, data, backdoor, attack: str, setting: str, seed: int, args)
         return None
     clean = class_balanced_subset(data["train"], fraction=0.05, seed=seed)
     output_dir = ROOT / "runs" / "authors_models" / attack / f"{setting}{budget}" / f"seed{seed}"
-    config = study_config(setting, seed, output_dir, args.epochs, args.eval_every, -(-len(clean) // 64))
+    config = study_config(attack, setting, seed, output_dir, args.epochs, args.eval_every, -(-len(clean) // 64))
     start = time.perf_counter()
     cloner = MedicCloner(
         model, config, train_dataset=clean, eval_dataset={"clean": data["test"], "backdoor": backdoor}
@@ -293,12 +303,12 @@ def main(argv: list[str] | None = None) -> dict:
         backdoor = backdoor_view(
             data["test"], stamper(attack, info, args.nad_mirror and Path(args.nad_mirror)), TARGETS[attack]
         )
-        if attack not in report["models"]:
+        if "target" not in report["models"].get(attack, {}):  # measured once, kept after
             report["models"][attack] = {
                 **{k: v for k, v in info.items() if k != "pattern"},
                 "target": TARGETS[attack],
-                "clean_accuracy": accuracy(model, data["test"]),
-                "attack_success_rate": accuracy(model, backdoor),
+                "clean_accuracy": accuracy(model, data["test"], preprocess=preprocessing(attack)),
+                "attack_success_rate": accuracy(model, backdoor, preprocess=preprocessing(attack)),
             }
             print(attack, report["models"][attack], flush=True)
             OUTPUT.mkdir(parents=True, exist_ok=True)
