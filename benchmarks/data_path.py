@@ -38,8 +38,16 @@ def data_path_rates(batch_size: int, epochs: int) -> dict:
     from torch.utils.data import DataLoader
 
     from medic_hf import MedicCloner, MedicConfig
-    from medic_hf.data import build_transform, find_columns, load_image_dataset, prepare_dataset, resolve_preprocessing
-    from medic_hf.device_data import DeviceBatchTransform, DeviceImageSet, collate
+    from medic_hf.data import (
+        DeviceBatchTransform,
+        DeviceImageSet,
+        build_transform,
+        collate,
+        find_columns,
+        load_image_dataset,
+        prepare_dataset,
+        resolve_preprocessing,
+    )
     from medic_hf.modeling import load_model
 
     data = load_image_dataset(str(ROOT / "demo" / "cifar10-slice"))["train"]

@@ -27,14 +27,16 @@ from transformers.utils import logging
 from .averaging import WeightAverage
 from .config import MedicConfig
 from .data import (
+    DeviceBatchTransform,
+    DeviceImageSet,
     TorchImageDataset,
     build_transform,
     check_labels,
+    collate,
     find_columns,
     prepare_dataset,
     resolve_preprocessing,
 )
-from .device_data import DeviceBatchTransform, DeviceImageSet, collate
 from .hub import _hub_repo_id, build_model_card, public_name, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
 from .mixing import mix_batch

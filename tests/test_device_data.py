@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from medic_hf import MedicCloner, MedicConfig
-from medic_hf.data import build_transform
-from medic_hf.device_data import DeviceBatchTransform, DeviceImageSet, collate, random_crop_flip
+from medic_hf.data import DeviceBatchTransform, DeviceImageSet, build_transform, collate, random_crop_flip
 from tests.test_data import CIFAR_PREPROCESSING
 from tests.tiny_models import timm_resnet
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medic_hf import MedicCloner, MedicConfig
-from medic_hf.device_data import DeviceImageSet
+from medic_hf.data import DeviceImageSet
 from tests.conftest import calibrate, pixel_dataset
 
 GLOBAL_BATCH = 16

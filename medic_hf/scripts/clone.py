@@ -29,8 +29,7 @@ from medic_hf import MedicCloner, MedicConfig
 from medic_hf.attacks import ATTACK_FILE, load_attack
 from medic_hf.cli import make_parser as _make_parser
 from medic_hf.cli import parse_args
-from medic_hf.data import load_image_dataset, subset_from_args
-from medic_hf.device_data import DeviceImageSet
+from medic_hf.data import DeviceImageSet, load_image_dataset, subset_from_args
 from medic_hf.hub import public_name
 from medic_hf.modeling import load_model
 

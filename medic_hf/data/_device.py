@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import ConvertMode, ResizeCenterCrop, _integer_labels, collate_batch
+from ._columns import _integer_labels
+from ._prepare import collate_batch
+from ._preprocessing import ConvertMode, ResizeCenterCrop
 
 DECODE_BATCH = 256
 
