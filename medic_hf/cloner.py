@@ -72,6 +72,7 @@ FINGERPRINT_SETTINGS = (
     "mix_inputs",
     "mix_alpha",
     "ema_decay",
+    "student_input_noise",
     "augment",
     "hook_layers",
     "clone_logits",
@@ -542,6 +543,8 @@ class MedicCloner(Trainer):
                 pixel_values, labels, self.num_classes, self.args.mix_inputs, self.args.mix_alpha
             )
         targets = self._teacher_targets(pixel_values, labels)
+        if self.args.student_input_noise > 0:  # the student learns the clean targets from a perturbed image
+            pixel_values = pixel_values + self.args.student_input_noise * torch.randn_like(pixel_values)
         self.student_recorder.set_enabled(True)
         try:
             logits = forward_logits(model, pixel_values)
@@ -862,6 +865,7 @@ class MedicCloner(Trainer):
             "final_temperature": a.final_temperature,
             "clone_loss_schedule": a.clone_loss_schedule,
             "ema_decay": a.ema_decay,
+            "student_input_noise": a.student_input_noise,
             "mix_inputs": a.mix_inputs if a.mix_inputs == "none" else f"{a.mix_inputs} (α = {a.mix_alpha:g})",
             "hook_layers": ",".join(a.hook_layers),
             "clone_logits": a.clone_logits,

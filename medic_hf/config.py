@@ -120,6 +120,14 @@ class MedicConfig(TrainingArguments):
         default=1.0,
         metadata={"help": "The Beta(α, α) parameter of the mixing proportion when mix_inputs is not 'none'."},
     )
+    student_input_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Standard deviation of Gaussian noise added to the student's input only (in units of the "
+            "normalised input), so the student learns the teacher's clean activations from perturbed images and "
+            "becomes insensitive to small input patterns. 0: off (the paper)."
+        },
+    )
     ema_decay: float = field(
         default=0.0,
         metadata={
@@ -306,6 +314,8 @@ class MedicConfig(TrainingArguments):
             raise ValueError(f"clone_loss_schedule={self.clone_loss_schedule!r}: use one of {CLONE_LOSS_SCHEDULES}.")
         if self.mix_inputs not in MIX_INPUTS:
             raise ValueError(f"mix_inputs={self.mix_inputs!r}: choose one of {MIX_INPUTS}.")
+        if self.student_input_noise < 0:
+            raise ValueError("student_input_noise must be >= 0 (0: off).")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay}: use 0 (off) or a value in (0, 1), e.g. 0.998.")
         if self.mix_alpha <= 0:

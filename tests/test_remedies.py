@@ -77,6 +77,7 @@ def test_schedules_of_temperature_and_clone_weight(tmp_path):
         {"final_temperature": 10.0, "clone_loss_schedule": "cosine"},
         {"mix_inputs": "mixup"},
         {"mix_inputs": "cutmix", "mix_alpha": 0.5},
+        {"student_input_noise": 0.3},
     ],
 )
 def test_each_option_trains_and_is_in_the_fingerprint_and_card(options, tmp_path):
@@ -101,6 +102,7 @@ def test_each_option_trains_and_is_in_the_fingerprint_and_card(options, tmp_path
         ({"clone_loss_schedule": "linear"}, "clone_loss_schedule"),
         ({"mix_inputs": "cutout"}, "mix_inputs"),
         ({"mix_alpha": 0.0}, "mix_alpha"),
+        ({"student_input_noise": -0.1}, "student_input_noise"),
     ],
 )
 def test_bad_values_name_the_option(options, message):
