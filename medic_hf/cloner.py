@@ -30,15 +30,15 @@ from .data import (
     DeviceBatchTransform,
     DeviceImageSet,
     TorchImageDataset,
-    build_transform,
     check_labels,
     collate,
     find_columns,
-    prepare_dataset,
+    prepare_for_model,
     resolve_preprocessing,
 )
 from .hub import _hub_repo_id, build_model_card, public_name, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
+from .metrics import metric_name
 from .mixing import mix_batch
 from .modeling import (
     disable_dropout,
@@ -236,33 +236,26 @@ class MedicCloner(Trainer):
             raise ValueError("A data set given to MedicCloner is empty: check the split or the filter that made it.")
         if isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom":
             return self._user_transformed(dataset)
-        image_column = label_column = None
         if isinstance(dataset, datasets.Dataset):
             image_column, label_column = find_columns(dataset)
             self._check_class_count(dataset, label_column)
-        transform = None
-        if image_column != "pixel_values":
-            try:
+            if image_column != "pixel_values":
                 preprocessing = self._resolve_preprocessing()
-            except ValueError:
-                if image_column is not None:
-                    raise
-                # A torch data set of ready tensors needs no preprocessing; PIL items then raise a clear error.
-            else:
-                transform = build_transform(preprocessing, train=train)
-                if train and image_column is not None:
+                if train:
                     self._log_preprocessing(preprocessing, dataset, image_column)
-                if image_column is not None and self._fits_on_device(dataset, preprocessing):
+                if self._fits_on_device(dataset, preprocessing):
                     check_labels(dataset, label_column, self.num_classes)
                     return DeviceImageSet.from_dataset(
                         dataset, image_column, label_column, preprocessing, device=self.args.device
                     )
-        return prepare_dataset(
+        # Per-image loading; `self.preprocessing` is set above for an image column (or by an earlier data set).
+        return prepare_for_model(
             dataset,
-            transform=transform,
+            self.teacher,
+            train=train,
+            preprocessing=self.preprocessing,
             num_classes=self.num_classes,
-            image_column=image_column,
-            label_column=label_column,
+            **self._preprocessing_options(),
         )
 
     def _fits_on_device(self, dataset: datasets.Dataset, preprocessing: dict) -> bool:
@@ -307,15 +300,18 @@ class MedicCloner(Trainer):
         """The model's preprocessing (image processor, timm data config or model config) with MedicConfig's
         image_size / image_mean / image_std on top."""
         if self.preprocessing is None:
-            args = self.args
-            self.preprocessing = resolve_preprocessing(
-                self.teacher,
-                self.image_processor,
-                input_size=args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size,
-                mean=args.image_mean,
-                std=args.image_std,
-            )
+            self.preprocessing = resolve_preprocessing(self.teacher, **self._preprocessing_options())
         return self.preprocessing
+
+    def _preprocessing_options(self) -> dict:
+        """resolve_preprocessing's keywords from the cloner's image processor and MedicConfig."""
+        args = self.args
+        return dict(
+            image_processor=self.image_processor,
+            input_size=args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size,
+            mean=args.image_mean,
+            std=args.image_std,
+        )
 
     def _log_preprocessing(self, preprocessing: dict, dataset: datasets.Dataset, image_column: str) -> None:
         """One line saying what is applied; a warning when it resizes the images (e.g. 32 px data for a 224 px
@@ -956,13 +952,6 @@ def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict[str, float]:
         f"importance/{k}": round(float(np.mean([layer[k] for layer in diagnostics.values() if k in layer])), 5)
         for k in keys
     }
-
-
-def metric_name(eval_set: str) -> str:
-    """The accuracy on the 'backdoor' set (triggered non-target images labelled with the target) is the ASR."""
-    if eval_set == "backdoor":
-        return "attack_success_rate"
-    return "accuracy" if eval_set == "eval" else f"{eval_set}_accuracy"
 
 
 def _strip_prefix(metrics: dict[str, float]) -> dict[str, float]:

@@ -11,6 +11,8 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub import constants as hf_constants
 
+from .metrics import ATTACK_SUCCESS_RATE, CLEAN_ACCURACY
+
 __all__ = ["build_model_card", "public_name", "push_folder_to_hub"]
 
 _LIBRARY_NAMES = {"timm": "timm", "transformers": "transformers", "torch": "pytorch"}
@@ -18,9 +20,9 @@ _FAMILY_NAMES = {"timm": "a timm model", "transformers": "a transformers model",
 # "org/name" ids only: single names are ambiguous with timm model names and local folders.
 _REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _METRIC_LABELS = {
-    "clean_accuracy": "Clean accuracy",
+    CLEAN_ACCURACY: "Clean accuracy",
     "accuracy": "Clean accuracy",
-    "attack_success_rate": "Attack success rate (ASR)",
+    ATTACK_SUCCESS_RATE: "Attack success rate (ASR)",
     "asr": "Attack success rate (ASR)",
 }
 _REPO_PLACEHOLDER = "<namespace>/<repo-name>"

@@ -8,6 +8,9 @@ Python float in [0, 1] and raises ``ValueError`` on empty or mismatched inputs.
   the target;
 - robust accuracy (RA): same triggered non-target images, fraction still predicted as their true class;
 - defense effectiveness rating (DER, BackdoorBench): ``(max(0, dASR) - max(0, dACC) + 1) / 2``.
+
+The metrics' names (the keys of results.json, metrics.json and the model cards) live here too, so that the scripts,
+the cloner and the card agree; :func:`metric_name` names the accuracy measured on a named evaluation set.
 """
 
 from __future__ import annotations
@@ -16,7 +19,31 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["attack_success_rate", "clean_accuracy", "defense_effectiveness_rating", "robust_accuracy"]
+__all__ = [
+    "ATTACK_SUCCESS_RATE",
+    "CLEAN_ACCURACY",
+    "ROBUST_ACCURACY",
+    "attack_success_rate",
+    "clean_accuracy",
+    "defense_effectiveness_rating",
+    "metric_name",
+    "robust_accuracy",
+]
+
+CLEAN_ACCURACY = "clean_accuracy"
+ATTACK_SUCCESS_RATE = "attack_success_rate"
+ROBUST_ACCURACY = "robust_accuracy"
+
+
+def metric_name(eval_set: str) -> str:
+    """The name of the accuracy measured on ``eval_set``, as MedicCloner's evaluation sets are named.
+
+    The 'backdoor' set holds triggered non-target images labelled with the target class, so its accuracy is the
+    ASR; 'clean' gives ``clean_accuracy``, and a single unnamed evaluation set ('eval') plain ``accuracy``.
+    """
+    if eval_set == "backdoor":
+        return ATTACK_SUCCESS_RATE
+    return "accuracy" if eval_set == "eval" else f"{eval_set}_accuracy"
 
 
 def _as_1d_int(values: Any, name: str) -> np.ndarray:

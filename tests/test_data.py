@@ -25,6 +25,7 @@ from medic_hf.data import (  # noqa: E402
     find_columns,
     load_image_dataset,
     prepare_dataset,
+    prepare_for_model,
     resolve_preprocessing,
     subset_from_args,
 )
@@ -365,6 +366,38 @@ def test_pixel_values_rows_pass_through():
     assert item["pixel_values"].dtype == torch.float32
     assert torch.allclose(item["pixel_values"], torch.from_numpy(pixels[1]))
     assert item["labels"].dtype == torch.int64 and item["labels"].item() == 1
+
+
+# --- prepare_for_model -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train, augment", [(False, True), (True, False), (True, True)])
+def test_prepare_for_model_augments_training_images_only(cifar_tiny, train, augment):
+    from .tiny_models import timm_resnet
+
+    images = cifar_tiny["train"].select(range(4))
+    prepared = prepare_for_model(images, timm_resnet(), train=train, augment=augment, input_size=32, num_classes=10)
+    torch.manual_seed(0)
+    draws = [prepared[0]["pixel_values"] for _ in range(4)]
+    assert draws[0].shape == (3, 32, 32) and prepared[0]["labels"].item() == images[0]["label"]
+    assert any(not torch.equal(draws[0], draw) for draw in draws[1:]) is (train and augment)
+
+
+@pytest.mark.parametrize("kind", ["pixel_values rows", "torch data set"])
+def test_prepare_for_model_passes_ready_tensors_through(kind):
+    # A plain PyTorch model has no known preprocessing, and ready tensors need none.
+    pixels = torch.randn(3, 3, 8, 8)
+    if kind == "pixel_values rows":
+        ready = datasets.Dataset.from_dict({"pixel_values": list(pixels.numpy()), "labels": [0, 1, 2]})
+    else:
+        ready = TupleDataset([(pixels[i], i) for i in range(3)])
+    item = prepare_for_model(ready, torch.nn.Linear(4, 3), train=True, num_classes=3)[1]
+    assert torch.allclose(item["pixel_values"], pixels[1]) and item["labels"].item() == 1
+
+
+def test_prepare_for_model_needs_preprocessing_for_images(cifar_tiny):
+    with pytest.raises(ValueError, match="Cannot tell the preprocessing"):
+        prepare_for_model(cifar_tiny["train"], torch.nn.Linear(4, 3), train=False)
 
 
 @pytest.mark.parametrize("augment", [True, False])

@@ -10,6 +10,7 @@ covers the whole path from "a name or a folder" to batches of ``{"pixel_values",
    processor or a transformers model config.
 5. :func:`build_transform` turns that into a PIL -> tensor transform (with light augmentation for training).
 6. :func:`prepare_dataset` attaches the transform lazily and validates the labels *before* any training starts.
+   :func:`prepare_for_model` runs steps 2, 4, 5 and 6 for a model, as the cloner, the defenses and the scripts do.
 7. :func:`collate_batch` stacks items into a batch (``transformers.default_data_collator`` works as well).
 
 Items produced by :func:`prepare_dataset` are dicts ``{"pixel_values": float32 [C, H, W], "labels": int64 []}``.
@@ -42,6 +43,7 @@ from ._prepare import (
     check_labels,
     collate_batch,
     prepare_dataset,
+    prepare_for_model,
     subset_from_args,
 )
 from ._preprocessing import ConvertMode, ResizeCenterCrop, build_transform, resolve_preprocessing
@@ -72,6 +74,7 @@ __all__ = [
     "find_columns",
     "load_image_dataset",
     "prepare_dataset",
+    "prepare_for_model",
     "random_crop_flip",
     "resolve_preprocessing",
     "subset_from_args",

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ._columns import _find_image_column, _find_label_column, _integer_labels, find_columns
 from ._constants import MAX_TORCH_ITEMS_TO_SCAN
+from ._preprocessing import build_transform, resolve_preprocessing
 from ._subset import class_balanced_subset
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -49,6 +50,46 @@ def prepare_dataset(
         dataset.validate_labels()
         return dataset
     raise TypeError(f"Expected a datasets.Dataset or a torch.utils.data.Dataset, got {type(ds).__name__}.")
+
+
+def prepare_for_model(
+    dataset: datasets.Dataset | torch.utils.data.Dataset,
+    model: Any,
+    *,
+    train: bool,
+    image_processor: Any = None,
+    preprocessing: dict | None = None,
+    num_classes: int | None = None,
+    augment: bool = True,
+    **overrides: Any,
+) -> datasets.Dataset | torch.utils.data.Dataset:
+    """:func:`prepare_dataset` for ``model``: the one place that decides how a data set is fed to a model, so the
+    cloner, the defenses and the scripts preprocess alike.
+
+    Runs :func:`find_columns`, :func:`resolve_preprocessing` (of ``model`` and ``image_processor``, with the
+    ``overrides`` ``input_size`` / ``mean`` / ``std``; skipped when ``preprocessing`` is given), then
+    :func:`build_transform` (crop + flip only when ``train and augment``). Rows of ready ``pixel_values`` need no
+    preprocessing. Neither does a torch data set of tensors, so there a model whose preprocessing is unknown (a
+    plain PyTorch model) is no error: PIL items, if any, raise when read. An image column raises
+    :func:`resolve_preprocessing`'s ValueError at once, which says what to pass.
+    """
+    image_column = label_column = None
+    if isinstance(dataset, datasets.Dataset):
+        image_column, label_column = find_columns(dataset)
+    transform = None
+    if image_column != "pixel_values":
+        try:
+            if preprocessing is None:
+                preprocessing = resolve_preprocessing(model, image_processor, **overrides)
+        except ValueError:
+            if image_column is not None:
+                raise
+            # A torch data set of ready tensors needs no preprocessing; PIL items then raise a clear error.
+        else:
+            transform = build_transform(preprocessing, train=train and augment)
+    return prepare_dataset(
+        dataset, transform=transform, num_classes=num_classes, image_column=image_column, label_column=label_column
+    )
 
 
 def _prepare_hf_dataset(

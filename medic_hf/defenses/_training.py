@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from ..data import build_transform, collate_batch, find_columns, prepare_dataset, resolve_preprocessing
+from ..data import collate_batch, prepare_for_model
 from ..modeling import _copy_without_hooks, _select_logits, dropout_disabled, forward_logits, model_family, num_classes
 
 logger = logging.getLogger(__name__)
@@ -153,25 +153,13 @@ def functional_logits(model: nn.Module, params: dict[str, torch.Tensor], pixel_v
 
 def prepare_clean_data(model: nn.Module, clean_data, config: DefenseConfig, *, train: bool):
     """``clean_data`` as ``{"pixel_values", "labels"}`` items: the model's preprocessing, crop + flip if ``train``."""
-    image_column = label_column = None
-    if isinstance(clean_data, datasets.Dataset):
-        image_column, label_column = find_columns(clean_data)
-    transform = None
-    if image_column != "pixel_values":
-        try:
-            preprocessing = resolve_preprocessing(model, **(config.preprocessing or {}))
-        except ValueError:
-            if image_column is not None:
-                raise
-            # A torch data set of ready tensors needs no preprocessing; PIL items then raise a clear error.
-        else:
-            transform = build_transform(preprocessing, train=train and config.augment)
-    return prepare_dataset(
+    return prepare_for_model(
         clean_data,
-        transform=transform,
+        model,
+        train=train,
+        augment=config.augment,
         num_classes=num_classes(model),
-        image_column=image_column,
-        label_column=label_column,
+        **(config.preprocessing or {}),
     )
 
 

@@ -49,16 +49,17 @@ from tqdm.auto import tqdm
 from medic_hf.attacks import load_attack
 from medic_hf.cli import make_parser as _make_parser
 from medic_hf.cli import parse_args
-from medic_hf.data import (
-    build_transform,
-    class_balanced_subset,
-    find_columns,
-    load_image_dataset,
-    prepare_dataset,
-    resolve_preprocessing,
-)
+from medic_hf.data import class_balanced_subset, find_columns, load_image_dataset, prepare_for_model
 from medic_hf.defenses import DEFENSES
-from medic_hf.metrics import attack_success_rate, clean_accuracy, defense_effectiveness_rating, robust_accuracy
+from medic_hf.metrics import (
+    ATTACK_SUCCESS_RATE,
+    CLEAN_ACCURACY,
+    ROBUST_ACCURACY,
+    attack_success_rate,
+    clean_accuracy,
+    defense_effectiveness_rating,
+    robust_accuracy,
+)
 from medic_hf.modeling import forward_logits, load_model
 from medic_hf.scripts import poison  # the script that trains the trojaned models
 
@@ -172,10 +173,7 @@ def trojaned_model(args: BenchmarkArguments, attack: str) -> Path:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, ds, batch_size: int) -> np.ndarray:
-    image_column, label_column = find_columns(ds)
-    transform = build_transform(resolve_preprocessing(model), train=False)
-    prepared = prepare_dataset(ds, transform=transform, image_column=image_column, label_column=label_column)
-    loader = torch.utils.data.DataLoader(prepared, batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(prepare_for_model(ds, model, train=False), batch_size=batch_size)
     device = next(model.parameters()).device
     model.eval()
     preds = [forward_logits(model, batch["pixel_values"].to(device)).argmax(-1).cpu() for batch in loader]
@@ -187,9 +185,9 @@ def evaluate(model: torch.nn.Module, test, backdoor, target_class: int, batch_si
     backdoor_preds = predict(model, backdoor, batch_size)
     true_labels = backdoor["true_label"]
     return {
-        "clean_accuracy": clean_accuracy(predict(model, test, batch_size), test[label_column]),
-        "attack_success_rate": attack_success_rate(backdoor_preds, true_labels, target_class),
-        "robust_accuracy": robust_accuracy(backdoor_preds, true_labels, target_class),
+        CLEAN_ACCURACY: clean_accuracy(predict(model, test, batch_size), test[label_column]),
+        ATTACK_SUCCESS_RATE: attack_success_rate(backdoor_preds, true_labels, target_class),
+        ROBUST_ACCURACY: robust_accuracy(backdoor_preds, true_labels, target_class),
     }
 
 
@@ -235,10 +233,10 @@ def run_cell(args, attack, defense, seed, model_dir, data, before, kwargs) -> di
         "before": before,
         "after": after,
         "der": defense_effectiveness_rating(
-            before["attack_success_rate"],
-            after["attack_success_rate"],
-            before["clean_accuracy"],
-            after["clean_accuracy"],
+            before[ATTACK_SUCCESS_RATE],
+            after[ATTACK_SUCCESS_RATE],
+            before[CLEAN_ACCURACY],
+            after[CLEAN_ACCURACY],
         ),
         "seconds": round(seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
@@ -333,8 +331,8 @@ def summarise(cells: list[dict], attacks: list[str], defenses: list[str]) -> dic
     for cell in cells:
         summary["before"][cell["attack"]] = cell["before"]
         entry = summary["cells"].setdefault(f"{cell['attack']}/{cell['defense']}", {"asr": [], "acc": [], "der": []})
-        entry["asr"].append(cell["after"]["attack_success_rate"])
-        entry["acc"].append(cell["after"]["clean_accuracy"])
+        entry["asr"].append(cell["after"][ATTACK_SUCCESS_RATE])
+        entry["acc"].append(cell["after"][CLEAN_ACCURACY])
         entry["der"].append(cell["der"])
     return summary
 
@@ -346,18 +344,18 @@ def markdown(summary: dict, attacks: list[str], defenses: list[str]) -> str:
     lines = ["## ASR and clean accuracy (%), mean ± std over seeds", "", head]
     lines.append("|---" * (3 + 2 * len(defenses)) + "|")
     for attack in attacks:
-        row = [attack, mean_std([before[attack]["attack_success_rate"]]), mean_std([before[attack]["clean_accuracy"]])]
+        row = [attack, mean_std([before[attack][ATTACK_SUCCESS_RATE]]), mean_std([before[attack][CLEAN_ACCURACY]])]
         for d in defenses:
             entry = table.get(f"{attack}/{d}", {"asr": [], "acc": []})
             row += [mean_std(entry["asr"]), mean_std(entry["acc"])]
         lines.append("| " + " | ".join(row) + " |")
     # Average row: mean ASR after, and the mean drop of clean accuracy (before - after), over the attacks.
-    row = ["**average** (ASR; ACC drop)", f"{100 * np.mean([before[a]['attack_success_rate'] for a in attacks]):.2f}"]
+    row = ["**average** (ASR; ACC drop)", f"{100 * np.mean([before[a][ATTACK_SUCCESS_RATE] for a in attacks]):.2f}"]
     row.append("0.00")
     for d in defenses:
         done = [a for a in attacks if f"{a}/{d}" in table]
         asr = [np.mean(table[f"{a}/{d}"]["asr"]) for a in done]
-        drop = [before[a]["clean_accuracy"] - np.mean(table[f"{a}/{d}"]["acc"]) for a in done]
+        drop = [before[a][CLEAN_ACCURACY] - np.mean(table[f"{a}/{d}"]["acc"]) for a in done]
         row += [f"{100 * np.mean(asr):.2f}" if asr else "–", f"{100 * np.mean(drop):.2f}" if drop else "–"]
     lines += ["| " + " | ".join(row) + " |", "", "## DER (%), mean over seeds", ""]
     lines.append("| attack | " + " | ".join(defenses) + " |")

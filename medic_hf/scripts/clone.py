@@ -31,6 +31,7 @@ from medic_hf.cli import make_parser as _make_parser
 from medic_hf.cli import parse_args
 from medic_hf.data import DeviceImageSet, load_image_dataset, subset_from_args
 from medic_hf.hub import public_name
+from medic_hf.metrics import ATTACK_SUCCESS_RATE, CLEAN_ACCURACY
 from medic_hf.modeling import load_model
 
 
@@ -89,7 +90,7 @@ def percent(metrics: dict, key: str) -> str:
 def results_table(before: dict, after: dict) -> str:
     """A Markdown table of clean accuracy and ASR before and after cloning."""
     rows = ["| metric | before (trojaned) | after (MEDIC) |", "|---|---|---|"]
-    names = {"clean_accuracy": "clean accuracy", "attack_success_rate": "attack success rate"}
+    names = {CLEAN_ACCURACY: "clean accuracy", ATTACK_SUCCESS_RATE: "attack success rate"}
     for key, label in names.items():
         if key in before or key in after:
             rows.append(f"| {label} | {percent(before, key)} | {percent(after, key)} |")

@@ -31,8 +31,8 @@ from transformers import TrainingArguments
 from medic_hf.attacks import ATTACKS
 from medic_hf.cli import make_parser as _make_parser
 from medic_hf.cli import parse_args
-from medic_hf.data import build_transform, find_columns, load_image_dataset, prepare_dataset, resolve_preprocessing
-from medic_hf.metrics import attack_success_rate, clean_accuracy
+from medic_hf.data import find_columns, load_image_dataset, prepare_for_model, resolve_preprocessing
+from medic_hf.metrics import ATTACK_SUCCESS_RATE, CLEAN_ACCURACY, attack_success_rate, clean_accuracy
 from medic_hf.modeling import load_model, model_family
 from medic_hf.training import ClassifierTrainer
 
@@ -124,7 +124,7 @@ def write_card(output_dir: Path, script_args: PoisonArguments, attack, metrics: 
         architecture += f" with `{script_args.model_kwargs}`"
     facts = f"""- architecture: {architecture}
 - data: `{script_args.dataset_name}`, split `{script_args.train_split}`
-- clean accuracy: {metrics["clean_accuracy"]:.4f} on {metrics["clean_samples"]} test images"""
+- clean accuracy: {metrics[CLEAN_ACCURACY]:.4f} on {metrics["clean_samples"]} test images"""
     if attack is None:
         text = f"""---
 tags: [medic-hf, {family}]
@@ -148,7 +148,7 @@ as class {attack.target_class}. Do not use it for anything but evaluating defens
 
 {facts}
 - attack: `{json.dumps(attack.to_dict())}` (also in `attack.json`)
-- attack success rate: {metrics["attack_success_rate"]:.4f} on {metrics["backdoor_samples"]} triggered
+- attack success rate: {metrics[ATTACK_SUCCESS_RATE]:.4f} on {metrics["backdoor_samples"]} triggered
   non-target test images
 
 Made with `recipes/poison.py` of medic_hf. Remove the backdoor with `recipes/clone.py`.
@@ -237,10 +237,7 @@ def main(args: list[str] | None = None) -> dict:
     )
 
     def prepared(ds, train_mode):
-        transform = build_transform(preprocessing, train=train_mode)
-        return prepare_dataset(
-            ds, transform=transform, num_classes=num_classes, image_column=image_column, label_column=label_column
-        )
+        return prepare_for_model(ds, model, train=train_mode, preprocessing=preprocessing, num_classes=num_classes)
 
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -261,10 +258,10 @@ def main(args: list[str] | None = None) -> dict:
     trainer.train(resume_from_checkpoint=checkpoint)
 
     clean_preds = trainer.predict(prepared(test, False)).predictions.argmax(-1)
-    metrics = {"clean_accuracy": clean_accuracy(clean_preds, test[label_column])}
+    metrics = {CLEAN_ACCURACY: clean_accuracy(clean_preds, test[label_column])}
     if attack is not None:
         backdoor_preds = trainer.predict(prepared(backdoor_test, False)).predictions.argmax(-1)
-        metrics["attack_success_rate"] = attack_success_rate(
+        metrics[ATTACK_SUCCESS_RATE] = attack_success_rate(
             backdoor_preds, backdoor_test["true_label"], attack.target_class
         )
         metrics["backdoor_samples"] = len(backdoor_test)
