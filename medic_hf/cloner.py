@@ -73,6 +73,8 @@ FINGERPRINT_SETTINGS = (
     "mix_alpha",
     "ema_decay",
     "student_input_noise",
+    "logit_distillation",
+    "distillation_temperature",
     "augment",
     "hook_layers",
     "clone_logits",
@@ -524,6 +526,7 @@ class MedicCloner(Trainer):
                     diagnostics[name]["sum_w"] = w.sum(dim=1).mean().item()
         if diagnostics is not None:
             self._diagnostics = diagnostics
+        self._teacher_logits = (logits[:1] if one_sample else logits).detach().float()
         return targets
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -547,7 +550,7 @@ class MedicCloner(Trainer):
             student_activations = self.student_recorder.by_sample(self.student_recorder.pop())
         finally:
             self.student_recorder.set_enabled(False)
-        ce = F.cross_entropy(logits.float(), labels)
+        ce = self._label_loss(logits.float(), labels)
         clone = logits.new_zeros(labels.shape[0], dtype=torch.float32)
         for name, (teacher_f, w) in targets.items():
             clone = clone + layer_clone_loss(teacher_f, student_activations[name].float(), self.stats.std[name], w)
@@ -559,6 +562,17 @@ class MedicCloner(Trainer):
             self._running["ce"].append(ce.detach())
             self._running["clone"].append(clone.detach())
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _label_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on the labels, mixed with distillation of the teacher's softened outputs when asked."""
+        ce = F.cross_entropy(logits, labels)
+        alpha = self.args.logit_distillation
+        if alpha == 0:
+            return ce
+        t = self.args.distillation_temperature
+        teacher = F.log_softmax(self._teacher_logits / t, dim=-1)
+        kl = F.kl_div(F.log_softmax(logits / t, dim=-1), teacher, log_target=True, reduction="batchmean")
+        return (1 - alpha) * ce + alpha * t * t * kl
 
     def _stop_on_non_finite(self, ce: torch.Tensor, clone: torch.Tensor) -> None:
         last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
@@ -862,6 +876,8 @@ class MedicCloner(Trainer):
             "clone_loss_schedule": a.clone_loss_schedule,
             "ema_decay": a.ema_decay,
             "student_input_noise": a.student_input_noise,
+            "logit_distillation": a.logit_distillation,
+            "distillation_temperature": a.distillation_temperature,
             "mix_inputs": a.mix_inputs if a.mix_inputs == "none" else f"{a.mix_inputs} (α = {a.mix_alpha:g})",
             "hook_layers": ",".join(a.hook_layers),
             "clone_logits": a.clone_logits,

@@ -120,6 +120,18 @@ class MedicConfig(TrainingArguments):
         default=1.0,
         metadata={"help": "The Beta(α, α) parameter of the mixing proportion when mix_inputs is not 'none'."},
     )
+    logit_distillation: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight α of Hinton et al.'s distillation of the teacher's softened class probabilities: the "
+            "label loss becomes (1 − α)·CE + α·T²·KL(teacher ‖ student) at temperature distillation_temperature. "
+            "0: the paper's cross-entropy on the labels alone."
+        },
+    )
+    distillation_temperature: float = field(
+        default=4.0,
+        metadata={"help": "The temperature T of logit_distillation."},
+    )
     student_input_noise: float = field(
         default=0.0,
         metadata={
@@ -314,6 +326,10 @@ class MedicConfig(TrainingArguments):
             raise ValueError(f"clone_loss_schedule={self.clone_loss_schedule!r}: use one of {CLONE_LOSS_SCHEDULES}.")
         if self.mix_inputs not in MIX_INPUTS:
             raise ValueError(f"mix_inputs={self.mix_inputs!r}: choose one of {MIX_INPUTS}.")
+        if not 0 <= self.logit_distillation <= 1:
+            raise ValueError(f"logit_distillation={self.logit_distillation}: use a weight in [0, 1] (0: off).")
+        if self.distillation_temperature <= 0:
+            raise ValueError("distillation_temperature must be > 0.")
         if self.student_input_noise < 0:
             raise ValueError("student_input_noise must be >= 0 (0: off).")
         if not 0 <= self.ema_decay < 1:

@@ -78,6 +78,7 @@ def test_schedules_of_temperature_and_clone_weight(tmp_path):
         {"mix_inputs": "mixup"},
         {"mix_inputs": "cutmix", "mix_alpha": 0.5},
         {"student_input_noise": 0.3},
+        {"logit_distillation": 0.5, "distillation_temperature": 2.0},
     ],
 )
 def test_each_option_trains_and_is_in_the_fingerprint_and_card(options, tmp_path):
@@ -103,6 +104,8 @@ def test_each_option_trains_and_is_in_the_fingerprint_and_card(options, tmp_path
         ({"mix_inputs": "cutout"}, "mix_inputs"),
         ({"mix_alpha": 0.0}, "mix_alpha"),
         ({"student_input_noise": -0.1}, "student_input_noise"),
+        ({"logit_distillation": 1.5}, "logit_distillation"),
+        ({"distillation_temperature": 0.0}, "distillation_temperature"),
     ],
 )
 def test_bad_values_name_the_option(options, message):
@@ -151,3 +154,18 @@ def test_ema_student_is_what_is_evaluated_saved_and_resumed(tmp_path):
     resumed.train(resume_from_checkpoint=str(first))
     assert resumed.weight_average.updates == cloner.state.global_step  # 2 reloaded + 2 after the resume
     resumed.remove_hooks()
+
+
+def test_logit_distillation_by_hand(tmp_path):
+    data = pixel_dataset(8)
+    teacher = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
+    cloner = MedicCloner(
+        teacher, make_config(tmp_path, logit_distillation=0.25, distillation_temperature=2.0), train_dataset=data
+    )
+    cloner._teacher_logits = torch.tensor([[2.0, 0.0]])
+    student, label = torch.tensor([[0.0, 0.0]]), torch.tensor([0])
+    p = torch.softmax(torch.tensor([1.0, 0.0]), dim=0)  # the teacher at T = 2
+    kl = float((p * (p.log() - math.log(0.5))).sum())  # against the student's uniform output
+    expected = 0.75 * math.log(2.0) + 0.25 * 4.0 * kl
+    assert cloner._label_loss(student, label).item() == pytest.approx(expected, rel=1e-5)
+    cloner.remove_hooks()
