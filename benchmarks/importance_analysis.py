@@ -24,15 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from medic_hf.attacks import load_attack
+from medic_hf.cloned_neurons import ClonedNeurons
 from medic_hf.data import build_transform, class_balanced_subset, load_image_dataset, resolve_preprocessing
-from medic_hf.importance import NeuronStats, importance_weights
+from medic_hf.importance import importance_weights
 from medic_hf.modeling import forward_logits, load_model
-from medic_hf.neurons import (
-    NeuronRecorder,
-    channel_dim,
-    find_clone_modules,
-    per_sample_channel_dim,
-)
+from medic_hf.neurons import channel_dim
 
 
 def attribution_weights(f, grad, mean, temperature):
@@ -111,24 +107,16 @@ def main() -> None:
     test = test.filter(lambda row: row["label"] != attack.target_class).select(range(args.samples))
     triggered = attack.backdoor_test_view(test)
 
-    modules = find_clone_modules(model)
-    recorder = NeuronRecorder(modules, require_grad=True)
-    recorder.probe(lambda x: forward_logits(model, x), pixels(test.select(range(2)), transform))
-    recorder.drop(recorder.batch_free)
-    rows = recorder.rows_per_sample
-    stats = NeuronStats({n: per_sample_channel_dim(channel_dim(m), rows[n]) for n, m in recorder.modules.items()})
-    x_train = pixels(clean_train, transform)
-    for i in range(0, len(x_train), 256):
-        with torch.no_grad():
-            forward_logits(model, x_train[i : i + 256])
-        stats.update(recorder.by_sample(recorder.pop()))
-    stats.finalize()
-
-    x_clean, x_trig = pixels(test, transform), pixels(triggered, transform)
-    labels = torch.tensor(test["label"])
-    clean_acts, clean_grads = record(model, recorder, x_clean, labels)
-    trig_acts, _ = record(model, recorder, x_trig)
-    recorder.remove()
+    # The neurons MEDIC clones, the classifier's included (this analysis has always reported it).
+    neurons = ClonedNeurons(model, clone_logits=True, require_grad=True)
+    with neurons.recording():
+        neurons.probe(pixels(test.select(range(2)), transform))
+        stats = neurons.statistics(pixels(clean_train, transform).split(256))
+        x_clean, x_trig = pixels(test, transform), pixels(triggered, transform)
+        labels = torch.tensor(test["label"])
+        clean_acts, clean_grads = record(model, neurons.teacher_recorder, x_clean, labels)
+        trig_acts, _ = record(model, neurons.teacher_recorder, x_trig)
+    modules = neurons.teacher_recorder.modules
     with torch.no_grad():
         p_target = torch.softmax(forward_logits(model, x_clean), dim=1)[:, attack.target_class]
     natural = p_target.topk(max(1, len(p_target) // 10)).indices

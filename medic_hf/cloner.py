@@ -9,6 +9,7 @@ import math
 import os
 import random
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import logging
 
 from .averaging import WeightAverage
+from .cloned_neurons import ClonedNeurons
 from .config import MedicConfig
 from .data import (
     DeviceBatchTransform,
@@ -50,7 +52,7 @@ from .modeling import (
     save_native,
     student_from_base,
 )
-from .neurons import NeuronRecorder, channel_dim, find_clone_modules, per_sample, per_sample_channel_dim
+from .neurons import NeuronRecorder, per_sample
 from .timing import StepTimer
 
 logger = logging.get_logger(__name__)
@@ -344,92 +346,62 @@ class MedicCloner(Trainer):
             )
 
     def _setup_neurons(self, teacher: nn.Module, student: nn.Module) -> None:
-        """Pair the teacher's and the student's cloned modules by name, hook them, and check them once."""
+        """Select, pair and hook the teacher's and the student's cloned modules, and check them once on two real
+        samples (`ClonedNeurons`). Modules that cannot be cloned are left out, and the log says which."""
         args = self.args
-        select = dict(kinds=args.hook_layers, target_modules=args.target_modules, exclude_modules=args.exclude_modules)
-        teacher_modules = find_clone_modules(teacher, **select)
-        student_modules = find_clone_modules(student, **select)
-        if not teacher_modules:
-            raise ValueError(
-                f"No {'/'.join(args.hook_layers)} module to clone in {type(teacher).__name__}: check hook_layers, "
-                "target_modules and exclude_modules, or use importance='none' with a model that has such layers."
-            )
-        if list(teacher_modules) != list(student_modules):
-            missing = sorted(set(teacher_modules) ^ set(student_modules))[:5]
-            raise ValueError(
-                f"Teacher and student modules do not match (e.g. {missing}): the student must have the teacher's "
-                "architecture; leave `student=None` to let the cloner create it."
-            )
-        need_grad = args.importance in ("both", "impact") and args.effective_impact_temperature > 0
-        self.needs_teacher_grad = need_grad
-        self.teacher_recorder = NeuronRecorder(teacher_modules, require_grad=need_grad)
-        self.student_recorder = NeuronRecorder(student_modules)
-        self.student_recorder.set_enabled(False)
-        self.channel_dims = {name: channel_dim(module) for name, module in teacher_modules.items()}
-        self._probe_neurons()
-
-    def _probe_neurons(self) -> None:
-        """Forwards of both models on real samples: how each output relates to the batch, in-place overwrites,
-        silent modules, shape mismatches. Modules that cannot be cloned are left out, and the log says which."""
+        self.needs_teacher_grad = args.importance in ("both", "impact") and args.effective_impact_temperature > 0
+        self.neurons = ClonedNeurons(
+            teacher,
+            student,
+            hook_layers=args.hook_layers,
+            target_modules=args.target_modules,
+            exclude_modules=args.exclude_modules,
+            clone_logits=args.clone_logits,
+            require_grad=self.needs_teacher_grad,
+            teacher_forward=partial(forward_logits, self.teacher),  # placed on the device, under autocast
+        )
         dataset = self.train_dataset
         if dataset is None:
             raise ValueError("MedicCloner needs a train_dataset (the clean samples to clone on).")
         batch = self.data_collator([dataset[i] for i in range(min(2, len(dataset)))])
-        pixel_values = self._model_input(batch["pixel_values"].to(self.args.device), train=False)
-        student = self.model
-        was_training = student.training
-        student.eval()
-        self.student_recorder.set_enabled(True)
-        teacher, student_recorder = self.teacher_recorder, self.student_recorder
-        teacher_silent = teacher.probe(lambda x: forward_logits(self.teacher, x), pixel_values)
-        student_silent = student_recorder.probe(lambda x: forward_logits(student, x), pixel_values)
-        self.student_recorder.set_enabled(False)
-        student.train(was_training)
-        teacher_shapes = {n: tuple(s) for n, s in teacher.last_shapes.items()}
-        student_shapes = {n: tuple(s) for n, s in student_recorder.last_shapes.items()}
-        if teacher_shapes != student_shapes:
-            diff = [n for n in teacher_shapes if teacher_shapes[n] != student_shapes.get(n)][:5]
-            raise ValueError(
-                f"Teacher and student outputs do not match at {diff}: the student must be an untrained copy of the "
-                "teacher's architecture; leave `student=None`."
-            )
-        if teacher.unsupported:
-            shown = "; ".join(f"{n}: {why}" for n, why in list(teacher.unsupported.items())[:5])
-            raise ValueError(
-                f"{len(teacher.unsupported)} module(s) give outputs whose rows MEDIC cannot assign to samples: dim 0 "
-                f"is neither the batch nor k rows per sample stored sample after sample ({shown}). Leave them out "
-                f"with exclude_modules={list(teacher.unsupported)!r}."
-            )
-        # Why each module is left out: shown once in the log, kept in `left_out_modules` (and the card's counts).
-        left_out = {name: "never called (its weights are applied functionally)" for name in teacher_silent}
-        left_out.update({name: "never called by the student" for name in student_silent if name not in left_out})
-        for name in teacher.batch_free:
-            left_out.setdefault(name, "output does not depend on the input (no batch dimension)")
-        if not self.args.clone_logits:
-            logits_modules = teacher.result_modules
-            if not logits_modules:
-                logger.info("clone_logits=False, but no cloned module outputs the logits: nothing left out.")
-            for name in logits_modules:
-                left_out.setdefault(name, "outputs the logits (clone_logits=False)")
-        if left_out:
-            teacher.drop(left_out)
-            student_recorder.drop(left_out)
-            for name in left_out:
-                self.channel_dims.pop(name, None)
-            _log_left_out(left_out)
-        if not teacher.modules:
-            raise ValueError("None of the selected modules is called in the forward pass: nothing to clone.")
-        self.left_out_modules = left_out
-        self.rows_per_sample = dict(teacher.rows_per_sample)
-        student_recorder.rows_per_sample = dict(teacher.rows_per_sample)
-        for name, rows in self.rows_per_sample.items():
-            self.channel_dims[name] = per_sample_channel_dim(self.channel_dims[name], rows)
-        self.neuron_counts = {n: math.prod(teacher_shapes[n][1:]) * self.rows_per_sample[n] for n in teacher.modules}
+        self.neurons.probe(self._model_input(batch["pixel_values"].to(self.args.device), train=False))
+
+    # What is cloned, as `self.neurons` found it (see ClonedNeurons).
 
     @property
     def cloned_modules(self) -> list[str]:
         """The names of the modules whose outputs are cloned, in model order."""
-        return list(self.teacher_recorder.modules)
+        return self.neurons.cloned
+
+    @property
+    def left_out_modules(self) -> dict[str, str]:
+        """Module name -> why it is not cloned."""
+        return self.neurons.left_out
+
+    @property
+    def rows_per_sample(self) -> dict[str, int]:
+        """Module name -> rows of its output per sample (1: the usual batch dimension)."""
+        return self.neurons.rows_per_sample
+
+    @property
+    def channel_dims(self) -> dict[str, int]:
+        """Module name -> channel dimension of its per-sample output (`NeuronRecorder.by_sample`)."""
+        return self.neurons.channel_dims
+
+    @property
+    def neuron_counts(self) -> dict[str, int]:
+        """Module name -> neurons per sample."""
+        return self.neurons.neuron_counts
+
+    @property
+    def teacher_recorder(self) -> NeuronRecorder:
+        """Captures the teacher's cloned outputs on every forward (`pop()` takes them)."""
+        return self.neurons.teacher_recorder
+
+    @property
+    def student_recorder(self) -> NeuronRecorder:
+        """Captures the student's cloned outputs while enabled (around the student's forward in the loss)."""
+        return self.neurons.student_recorder
 
     # ------------------------------------------------------------------ statistics
 
@@ -448,13 +420,9 @@ class MedicCloner(Trainer):
             collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers,
         )
-        stats = NeuronStats(self.channel_dims, self.args.stats_granularity, self.args.sigma_floor)
         bar = tqdm(loader, desc="MEDIC statistics", disable=not self.is_local_process_zero() or self.args.disable_tqdm)
-        for batch in bar:
-            forward_logits(self.teacher, self._model_input(batch["pixel_values"].to(self.args.device), train=True))
-            stats.update(self.teacher_recorder.by_sample(self.teacher_recorder.pop()))
-        stats.finalize()
-        return stats
+        batches = (self._model_input(batch["pixel_values"].to(self.args.device), train=True) for batch in bar)
+        return self.neurons.statistics(batches, self.args.stats_granularity, self.args.sigma_floor)
 
     # ------------------------------------------------------------------ the loss
 
@@ -930,13 +898,11 @@ class MedicCloner(Trainer):
 
     def remove_hooks(self) -> None:
         """Takes every MEDIC hook off both models (they are also removed when the cloner is garbage-collected)."""
-        self.teacher_recorder.remove()
-        self.student_recorder.remove()
+        self.neurons.remove()
 
     def __del__(self):
-        for recorder in ("teacher_recorder", "student_recorder"):
-            if hasattr(self, recorder):
-                getattr(self, recorder).remove()
+        if hasattr(self, "neurons"):  # not when __init__ failed before any hook was registered
+            self.neurons.remove()
 
 
 class _UpdateAverage(TrainerCallback):
@@ -947,18 +913,6 @@ class _UpdateAverage(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.cloner.weight_average.update(self.cloner.accelerator.unwrap_model(self.cloner.model))
-
-
-def _log_left_out(left_out: dict[str, str]) -> None:
-    """One log line per reason, naming the modules (the first few)."""
-    by_reason: dict[str, list[str]] = {}
-    for name, reason in left_out.items():
-        by_reason.setdefault(reason, []).append(name)
-    for reason, names in by_reason.items():
-        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-        # The classifier is left out by design (clone_logits=False); anything else the user should see.
-        log = logger.info if reason.startswith("outputs the logits") else logger.warning
-        log(f"MEDIC leaves out {len(names)} module(s), not cloned: {reason}: {shown}.")
 
 
 def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict[str, float]:
