@@ -171,7 +171,9 @@ def report(args) -> str:
     (results_dir / "study.json").write_text(json.dumps(summary, indent=2))
     print(table)
     for model in models:
-        plot(model, {s: found[(model, s)] for s in settings if (model, s) in found}, results_dir / f"{model}.png")
+        runs = {s: found[(model, s)] for s in settings if (model, s) in found}
+        plot(model, runs, results_dir / f"{model}.png")
+        plot_frontier(model, runs, results_dir / f"{model}-frontier.png")
     return table
 
 
@@ -211,6 +213,39 @@ def plot(model: str, runs_by_setting: dict[str, dict[int, dict]], path: Path) ->
         ax_acc.axhline(teacher - 2, color="grey", linestyle="--", linewidth=0.8, label="2 points lost")
     ax_acc.set(xlabel="epoch", ylabel="clean accuracy (%)", title="clean accuracy during cloning")
     ax_acc.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_frontier(model: str, runs_by_setting: dict[str, dict[int, dict]], path: Path) -> None:
+    """ASR against the clean accuracy still missing to the trojaned model, at every evaluation of every run: does the
+    backdoor come back with the clone's fidelity, whatever the setting?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^v<>pP*Xh"
+    for i, (setting, runs) in enumerate(runs_by_setting.items()):
+        gaps, asrs = [], []
+        for result in runs.values():
+            teacher = result["before"]["clean_accuracy"]
+            for epoch, accuracy, asr in curve(result):
+                if epoch >= 10:  # the first evaluations measure an untrained student, not a clone
+                    gaps.append(100 * (teacher - accuracy))
+                    asrs.append(100 * asr)
+        ax.scatter(gaps, asrs, s=18, marker=markers[i % len(markers)], label=setting)
+    ax.axhline(10, color="grey", linestyle="--", linewidth=0.8)
+    ax.axvline(2, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlim(30, -1)  # a diverged run's points (more than 30 points below) are off the plot
+    ax.set(
+        xlabel="clean accuracy below the trojaned model (points)",
+        ylabel="attack success rate (%)",
+        title=f"{model}: every evaluation from epoch 10 on",
+    )
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
