@@ -494,7 +494,8 @@ class MedicCloner(Trainer):
                     diagnostics[name]["sum_w"] = w.sum(dim=1).mean().item()
         if diagnostics is not None:
             self._diagnostics = diagnostics
-        self._teacher_logits = (logits[:1] if one_sample else logits).detach().float()
+        if self.args.logit_distillation > 0:  # only _label_loss reads them
+            self._teacher_logits = (logits[:1] if one_sample else logits).detach().float()
         return targets
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
