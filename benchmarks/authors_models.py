@@ -134,6 +134,10 @@ class AuthorsWRN(nn.Module):
 
 
 def git_file(mirror: Path, path: str) -> bytes:
+    """`path` in the snapshot: its HEAD when `mirror` is a git directory, else the file under the plain folder
+    `mirror` (a copy of the files this script reads, e.g. for a machine without the snapshot)."""
+    if (mirror / path).is_file():
+        return (mirror / path).read_bytes()
     return subprocess.run(["git", "-C", str(mirror), "show", f"HEAD:{path}"], check=True, capture_output=True).stdout
 
 
@@ -283,8 +287,12 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--mirror", required=True, help="Git directory of a qiulingxu/MEDIC snapshot.")
-    parser.add_argument("--nad_mirror", default=None, help="Git directory of a bboylyg/NAD snapshot (for sig).")
+    parser.add_argument(
+        "--mirror", required=True, help="Git directory of a qiulingxu/MEDIC snapshot, or a folder with its files."
+    )
+    parser.add_argument(
+        "--nad_mirror", default=None, help="Git directory of a bboylyg/NAD snapshot, or a folder (for sig)."
+    )
     parser.add_argument("--dataset_name", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--attacks", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--settings", nargs="*", default=[], help="MEDIC settings of default_study_settings.yaml")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from .data import DeviceBatchTransform, collate
 from .modeling import forward_logits, save_native
 
 
@@ -18,13 +20,27 @@ class ClassifierTrainer(Trainer):
     `model.safetensors`).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, device_transform: DeviceBatchTransform | None = None, **kwargs):
+        """``device_transform``: for a `DeviceImageSet` training set (uint8 batches already on the device), the
+        batched augmentation and normalisation that turn its batches into the model's input."""
+        if device_transform is not None:
+            kwargs.setdefault("data_collator", collate)
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+        self.device_transform = device_transform
+        if device_transform is not None and self.args.device.type != "cpu":
+            # Batches are indexed on the device: no worker processes, nothing to pin.
+            self.args.dataloader_num_workers = 0
+            self.args.dataloader_pin_memory = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logits = forward_logits(model, inputs["pixel_values"])
+        pixel_values = inputs["pixel_values"]
+        if pixel_values.dtype == torch.uint8:  # a DeviceImageSet batch: augment (in training) and normalise here
+            if self.device_transform is None:
+                raise ValueError("uint8 pixel_values need ClassifierTrainer(device_transform=...).")
+            pixel_values = self.device_transform(pixel_values.to(self.args.device), train=model.training)
+        logits = forward_logits(model, pixel_values)
         loss = F.cross_entropy(logits.float(), inputs["labels"])
         return (loss, {"logits": logits}) if return_outputs else loss
 

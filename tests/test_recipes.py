@@ -143,3 +143,25 @@ def test_embedded_demo_runs_offline_from_its_config(tmp_path, monkeypatch):
         "clean_accuracy": 100,
         "attack_success_rate": results["eval_sizes"]["attack_success_rate"],
     }
+
+
+def test_poison_trains_from_the_device_set_by_default_and_per_image_on_request(tmp_path, monkeypatch):
+    from medic_hf.training import ClassifierTrainer
+
+    seen = []
+    original = ClassifierTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(type(self.train_dataset).__name__)
+
+    monkeypatch.setattr(ClassifierTrainer, "__init__", spy)
+    model = '{"channels": [8, 8, 8, 8]}'
+    _, fast = _poison(tmp_path, "fast", "--model_kwargs", model, "--seed", "3")
+    _, again = _poison(tmp_path, "again", "--model_kwargs", model, "--seed", "3")
+    _, slow = _poison(tmp_path, "slow", "--model_kwargs", model, "--device_data", "never")
+    assert seen == ["DeviceImageSet", "DeviceImageSet", "Dataset"]  # per-image: a datasets.Dataset with a transform
+    assert fast == again  # the batched augmentation draws from the Trainer's seeded generator
+    assert fast["poisoned_rows"] == slow["poisoned_rows"] > 0
+    with pytest.raises(SystemExit, match="device_data"):
+        _poison(tmp_path, "bad", "--device_data", "always")

@@ -26,15 +26,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from huggingface_hub import ModelCard
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from medic_hf.attacks import ATTACKS
 from medic_hf.cli import make_parser as _make_parser
 from medic_hf.cli import parse_args
-from medic_hf.data import find_columns, load_image_dataset, prepare_for_model, resolve_preprocessing
+from medic_hf.data import (
+    DeviceBatchTransform,
+    DeviceImageSet,
+    find_columns,
+    load_image_dataset,
+    prepare_for_model,
+    resolve_preprocessing,
+)
 from medic_hf.metrics import ATTACK_SUCCESS_RATE, CLEAN_ACCURACY, attack_success_rate, clean_accuracy
 from medic_hf.modeling import load_model, model_family
 from medic_hf.training import ClassifierTrainer
+
+DEVICE_DATA_MAX = 2 * 2**30  # bytes of decoded training images that --device_data auto keeps on the device
 
 
 @dataclass
@@ -73,6 +82,14 @@ class PoisonArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (Nesterov)."})
+    device_data: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': decode the poisoned training split once into a uint8 tensor on the training device "
+            "(when it takes at most 2 GiB; CIFAR-10 takes 147 MiB) and augment and normalise whole batches there, "
+            "as MedicConfig's device_data does; 'never': decode and augment every image with PIL in the data loader."
+        },
+    )
     init_from: str | None = field(
         default=None,
         metadata={"help": "Continue training this saved model (a folder made by this recipe) instead of a fresh one."},
@@ -167,7 +184,15 @@ def build_attack(script_args: PoisonArguments):
     return ATTACKS[script_args.attack](**kwargs)
 
 
-def poison(attack, train, image_column: str, label_column: str, num_classes: int, script_args: PoisonArguments):
+def poison(
+    attack,
+    train,
+    image_column: str,
+    label_column: str,
+    num_classes: int,
+    script_args: PoisonArguments,
+    device: torch.device | str = "cpu",
+):
     """Poison the training split; label-consistent PGD runs against the --surrogate model, on its own normalisation."""
     if attack.name != "label_consistent":
         return attack.poison_dataset(train, image_column, label_column, num_classes)
@@ -176,7 +201,7 @@ def poison(attack, train, image_column: str, label_column: str, num_classes: int
             "--attack label_consistent needs --surrogate: a clean model folder, e.g. one made with "
             "`python recipes/poison.py --attack none ...` on the same data."
         )
-    surrogate = load_model(script_args.surrogate)
+    surrogate = load_model(script_args.surrogate).to(device)  # PGD on the training device (a GPU: minutes -> seconds)
     cfg = resolve_preprocessing(surrogate)
     mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
@@ -201,6 +226,8 @@ def main(args: list[str] | None = None) -> dict:
     script_args, training_args = parse_args(make_parser(), args)
     if script_args.dataset_name is None:
         raise SystemExit("--dataset_name is required (a Hub id or a local parquet / image folder).")
+    if script_args.device_data not in ("auto", "never"):
+        raise SystemExit(f"--device_data {script_args.device_data!r}: choose 'auto' or 'never'.")
     if script_args.attack != "none" and script_args.attack not in ATTACKS:
         raise SystemExit(f"--attack {script_args.attack!r}: choose one of {sorted(ATTACKS)} or 'none'.")
     data = load_image_dataset(script_args.dataset_name)
@@ -216,10 +243,13 @@ def main(args: list[str] | None = None) -> dict:
     if attack is None:  # a clean baseline, trained exactly like the trojaned models
         poisoned_train, poisoned_rows, backdoor_test = train, [], None
     else:
-        poisoned_train, poisoned_rows = poison(attack, train, image_column, label_column, num_classes, script_args)
+        poisoned_train, poisoned_rows = poison(
+            attack, train, image_column, label_column, num_classes, script_args, training_args.device
+        )
         backdoor_test = attack.backdoor_test_view(test, image_column, label_column)
 
     mean, std = channel_stats(train, image_column)
+    set_seed(training_args.seed)  # the fresh model's weights depend on --seed alone, not on what ran before
     if script_args.init_from:
         model = load_model(script_args.init_from)
         mean, std = tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"])
@@ -246,11 +276,18 @@ def main(args: list[str] | None = None) -> dict:
         nesterov=True,
         weight_decay=training_args.weight_decay,
     )
+    train_dataset, device_transform = prepared(poisoned_train, True), None
+    if script_args.device_data == "auto" and DeviceImageSet.nbytes(poisoned_train, preprocessing) <= DEVICE_DATA_MAX:
+        train_dataset = DeviceImageSet.from_dataset(
+            poisoned_train, image_column, label_column, preprocessing, device=training_args.device
+        )
+        device_transform = DeviceBatchTransform(preprocessing)
     trainer = ClassifierTrainer(
         model=model,
         args=training_args,
-        train_dataset=prepared(poisoned_train, True),
+        train_dataset=train_dataset,
         optimizers=(optimizer, None),
+        device_transform=device_transform,
     )
     checkpoint = None
     if training_args.resume_from_checkpoint or any(Path(training_args.output_dir).glob("checkpoint-*")):
