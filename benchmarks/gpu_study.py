@@ -83,7 +83,8 @@ def teacher_jobs(args) -> list[Job]:
 def model_folders(args) -> dict[str, Path]:
     """Every trojaned model of the grid: the committed preset models and those this run trains."""
     benchmark = __import__("medic_hf.scripts.benchmark", fromlist=["model_folder"])
-    folders = {p.name: p for p in sorted(PRESET_MODELS.iterdir()) if (p / "model.safetensors").is_file()}
+    trojaned = [p for p in sorted(PRESET_MODELS.iterdir()) if (p / "attack.json").is_file()]  # not the clean one
+    folders = {p.name: p for p in trojaned if (p / "model.safetensors").is_file()}
     for attack in args.teachers:
         if attack != "none":
             folders[attack] = benchmark.model_folder(args.models_dir, attack)
@@ -215,7 +216,7 @@ def pack(jobs: list[Job], args) -> None:
     files.append(args.runs / "status.json")
     failed_logs = [j.log for j in jobs if j.state in ("failed", "stopped") and j.log and j.log.is_file()]
     groups = [("results", files + failed_logs)]
-    for attack in args.teachers:  # the models this run trained, in the order of --teachers
+    for attack in sorted(args.teachers, key=lambda a: a == "none"):  # trained models, the clean one last
         folder = Path(args.models_dir) / ("clean" if attack == "none" else attack)
         if (folder / "metrics.json").is_file():
             groups.append((attack, [p for p in folder.iterdir() if p.is_file()]))
