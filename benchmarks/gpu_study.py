@@ -18,12 +18,15 @@ what finished as tar files of at most 15 MiB (results first, then models), to br
 
     python benchmarks/gpu_study.py --dataset runs/gpu_carry/cifar10 --deadline_s 520 --jobs 15 --pack $OUT
 
-`--dry_run` prints the plan (jobs and tiers) and starts nothing.
+`--dry_run` prints the plan (jobs and tiers) and starts nothing. Before the device call, here:
+
+    python benchmarks/gpu_study.py --prepare_carry     # runs/gpu_carry: data, packages, the authors' files (27 MiB)
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -247,6 +250,58 @@ def pack(jobs: list[Job], args) -> None:
     print(f"packed {index} tar files, {total / 2**20:.1f} MiB")
 
 
+# Packages the lent machine's Python lacks (datasets and its two pins) or has older (transformers, timm), and the
+# datasets that works with an older pyarrow; the versions this repository is tested with.
+CARRIED_PACKAGES = ["transformers==5.24.0", "timm==1.0.31", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19"]
+FALLBACK_PACKAGES = ["datasets==4.0.0", "dill==0.3.8", "multiprocess==0.70.16"]
+WHEEL_PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                  "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]  # fmt: skip
+
+
+def prepare_carry(args) -> None:
+    """runs/gpu_carry: what benchmarks/gpu_study.sh needs on a bare GPU machine, within the device tool's 64 MiB.
+
+    - cifar10/: the data set's parquet files rewritten with zstd (level 19): the same rows and bytes (checked), 17 MiB
+      instead of 54 (the JPEG headers repeat in every row);
+    - site.tar.xz / site_alt.tar.xz: the wheels of CARRIED_PACKAGES / FALLBACK_PACKAGES, unpacked, as one xz archive
+      each (6 MiB instead of 17);
+    - authors/ and nad/: the authors' four checkpoints without their optimizer state (read with weights_only=True,
+      saved back with the other keys), and NAD's SIG mask.
+    """
+    import pyarrow.parquet as pq
+    import torch
+
+    carry = ROOT / "runs" / "gpu_carry"
+    (carry / "cifar10").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        table = pq.read_table(Path(args.dataset) / f"{split}.parquet")
+        target = carry / "cifar10" / f"{split}.parquet"
+        pq.write_table(table, target, compression="zstd", compression_level=19)
+        assert pq.read_table(target).equals(table)
+    for name, packages in (("site", CARRIED_PACKAGES), ("site_alt", FALLBACK_PACKAGES)):
+        wheels, unpacked = carry / f"{name}-wheels", carry / f"{name}-unpacked"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        *WHEEL_PLATFORM, "-d", str(wheels), *packages], check=True)  # fmt: skip
+        unpacked.mkdir(exist_ok=True)
+        for wheel in wheels.glob("*.whl"):
+            subprocess.run(["unzip", "-q", "-o", str(wheel), "-d", str(unpacked)], check=True)
+        subprocess.run(["tar", "cJf", str(carry / f"{name}.tar.xz"), "-C", str(unpacked), "."], check=True)
+        subprocess.run(["rm", "-rf", str(wheels), str(unpacked)], check=True)
+    authors = load_module("authors_models")
+    for path in authors.MODELS.values():
+        target = carry / "authors" / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        raw = io.BytesIO(authors.git_file(Path(args.authors_mirror), path))
+        checkpoint = torch.load(raw, weights_only=True, map_location="cpu")
+        checkpoint.pop("optimizer", None)
+        torch.save(checkpoint, target)
+    mask = carry / "nad" / authors.SIG_MASK
+    mask.parent.mkdir(parents=True, exist_ok=True)
+    mask.write_bytes(authors.git_file(Path(args.nad_mirror), authors.SIG_MASK))
+    size = sum(f.stat().st_size for f in carry.rglob("*") if f.is_file())
+    print(f"{carry}: {size / 2**20:.1f} MiB")
+
+
 def default_plan() -> list[dict]:
     """Tiers of the study, most important first: the defaults and the candidates on two seeds, the no-rebound
     budget, the baselines (`{"baselines": true}`), then more candidates."""
@@ -291,6 +346,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pack", default=None, help="write the finished results and models as tar files here")
     parser.add_argument("--plan", type=json.loads, default=default_plan(), help="JSON list of tiers (see the code)")
     parser.add_argument("--dry_run", action="store_true")
+    parser.add_argument(
+        "--prepare_carry", action="store_true", help="only build runs/gpu_carry (here, before the device call)"
+    )
+    parser.add_argument("--authors_mirror", default="/work/.mirror/qiulingxu+MEDIC/repo", help="for --prepare_carry")
+    parser.add_argument("--nad_mirror", default="/work/.mirror/bboylyg+NAD/repo", help="for --prepare_carry")
     args = parser.parse_args(argv)
     if not (PRESET_MODELS / "composite" / "model.safetensors").is_file() and "composite" not in args.teachers:
         args.teachers.append("composite")  # the preset's composite model was not finished on CPU: train it here
@@ -299,6 +359,9 @@ def main(argv: list[str] | None = None) -> None:
     args.baseline_dir = args.baseline_dir.resolve()
     args.study_results = args.study_results.resolve()
 
+    if args.prepare_carry:
+        prepare_carry(args)
+        return
     jobs = teacher_jobs(args) + study_jobs(args)
     if args.dry_run:
         for job in jobs:
