@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from medic_hf.scripts import benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 STUDY_RESULTS = ROOT / "benchmarks" / "results" / "default_study"
@@ -71,7 +73,6 @@ class Job:
 
 
 def teacher_jobs(args) -> list[Job]:
-    benchmark = __import__("medic_hf.scripts.benchmark", fromlist=["poison_flags"])
     jobs = []
     for attack in args.teachers:
         out = benchmark.model_folder(args.models_dir, attack)
@@ -85,7 +86,6 @@ def teacher_jobs(args) -> list[Job]:
 
 def model_folders(args) -> dict[str, Path]:
     """Every trojaned model of the grid: the committed preset models and those this run trains."""
-    benchmark = __import__("medic_hf.scripts.benchmark", fromlist=["model_folder"])
     trojaned = [p for p in sorted(PRESET_MODELS.iterdir()) if (p / "attack.json").is_file()]  # not the clean one
     folders = {p.name: p for p in trojaned if (p / "model.safetensors").is_file()}
     for attack in args.teachers:
