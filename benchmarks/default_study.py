@@ -165,9 +165,10 @@ def report(args) -> str:
         complete = len(lost_all) == len(models)
         tail = f"{mean(lost_all):.2f} | {max(asr_all):.2f}" if complete else "– | –"
         lines.append(f"| {setting} | " + " | ".join(cells) + f" | {tail} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n" + gap_table(found, models)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "study.md").write_text(table + "\n")
+    (results_dir / "grid.md").write_text(grid_table(found, models, args.grid_settings) + "\n")
     (results_dir / "study.json").write_text(json.dumps(summary, indent=2))
     print(table)
     for model in models:
@@ -175,6 +176,62 @@ def report(args) -> str:
         plot(model, runs, results_dir / f"{model}.png")
         plot_frontier(model, runs, results_dir / f"{model}-frontier.png")
     return table
+
+
+def grid_table(found: dict, models: list[str], settings: list[str]) -> str:
+    """One row per model, one column per setting: lost / ASR / highest ASR (seeds), bold above 5% ASR."""
+    lines = [
+        "Clean accuracy lost (points; negative: the student ends above the trojaned model) / ASR after (%) / highest "
+        "ASR at any evaluation (%) (seeds), mean over the seeds; **bold**: mean ASR above 5%.",
+        "",
+        "| model (clean acc., ASR) | " + " | ".join(settings) + " |",
+        "|---|" + "---|" * len(settings),
+    ]
+    for model in models:
+        cells = []
+        for setting in settings:
+            runs = found.get((model, setting))
+            if not runs:
+                cells.append("–")
+                continue
+            lost = mean([100 * (r["before"]["clean_accuracy"] - r["after"]["clean_accuracy"]) for r in runs.values()])
+            asr = mean([100 * r["after"]["attack_success_rate"] for r in runs.values()])
+            peak = max(100 * max(p[2] for p in curve(r)) for r in runs.values() if curve(r))
+            text = f"{lost:.2f} / {asr:.2f} / {peak:.2f} ({len(runs)})"
+            cells.append(f"**{text}**" if asr > 5 else text)
+        lines.append(f"| `{model}` ({teacher_line(found, model)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+GAP_BUCKETS = [(-100, 0, "< 0 (above the teacher)"), (0, 1, "0–1"), (1, 2, "1–2"), (2, 3, "2–3"), (3, 5, "3–5"),
+               (5, 10, "5–10"), (10, 100, "≥ 10")]  # fmt: skip
+
+
+def gap_table(found: dict, models: list[str]) -> str:
+    """Mean ASR of every evaluation from epoch 10 on, of every run of a model (SGD excluded: it diverged), grouped
+    by how far the student's clean accuracy was below the trojaned model's: does the backdoor come back with the
+    clone's fidelity?"""
+    lines = [
+        "Mean ASR (%) by the gap between the student's clean accuracy and the trojaned model's (points), over every "
+        "evaluation from epoch 10 on of every run of the model (number of evaluations in brackets).",
+        "",
+        "| gap | " + " | ".join(models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for low, high, name in GAP_BUCKETS:
+        cells = []
+        for model in models:
+            asrs = [
+                100 * asr
+                for (m, setting), runs in found.items()
+                if m == model and not setting.startswith("sgd")
+                for result in runs.values()
+                for epoch, accuracy, asr in curve(result)
+                if epoch >= 10 and low <= 100 * (result["before"]["clean_accuracy"] - accuracy) < high
+            ]
+            cells.append(f"{mean(asrs):.1f} ({len(asrs)})" if asrs else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def setting_order(folder: str) -> tuple[int, str]:
@@ -264,6 +321,9 @@ def main() -> None:
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "default_study"))
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (one thread each)")
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument(
+        "--grid_settings", nargs="+", default=["defaults", "ema", "tau_to_10_ema"], help="the columns of grid.md"
+    )
     args = parser.parse_args()
     if not args.report_only:
         run_all(args)
