@@ -178,15 +178,19 @@ def report(args) -> str:
     return table
 
 
+def table_head(caption: str, first: str, columns: list[str]) -> list[str]:
+    """A caption, then a Markdown table's header for a first column and `columns`."""
+    return [caption, "", f"| {first} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+
+
 def grid_table(found: dict, models: list[str], settings: list[str]) -> str:
     """One row per model, one column per setting: lost / ASR / highest ASR (seeds), bold above 5% ASR."""
-    lines = [
+    lines = table_head(
         "Clean accuracy lost (points; negative: the student ends above the trojaned model) / ASR after (%) / highest "
         "ASR at any evaluation (%) (seeds), mean over the seeds; **bold**: mean ASR above 5%.",
-        "",
-        "| model (clean acc., ASR) | " + " | ".join(settings) + " |",
-        "|---|" + "---|" * len(settings),
-    ]
+        "model (clean acc., ASR)",
+        settings,
+    )
     for model in models:
         cells = []
         for setting in settings:
@@ -211,13 +215,12 @@ def gap_table(found: dict, models: list[str]) -> str:
     """Mean ASR of every evaluation from epoch 10 on, of every run of a model (SGD excluded: it diverged), grouped
     by how far the student's clean accuracy was below the trojaned model's: does the backdoor come back with the
     clone's fidelity?"""
-    lines = [
+    lines = table_head(
         "Mean ASR (%) by the gap between the student's clean accuracy and the trojaned model's (points), over every "
         "evaluation from epoch 10 on of every run of the model (number of evaluations in brackets).",
-        "",
-        "| gap | " + " | ".join(models) + " |",
-        "|---|" + "---|" * len(models),
-    ]
+        "gap",
+        models,
+    )
     for low, high, name in GAP_BUCKETS:
         cells = []
         for model in models:
