@@ -169,6 +169,8 @@ def report(args) -> str:
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "study.md").write_text(table + "\n")
     (results_dir / "grid.md").write_text(grid_table(found, models, args.grid_settings) + "\n")
+    if (results_dir / "baselines" / "cells").is_dir():
+        (results_dir / "der.md").write_text(der_table(found, results_dir / "baselines", args.grid_settings) + "\n")
     (results_dir / "study.json").write_text(json.dumps(summary, indent=2))
     print(table)
     for model in models:
@@ -204,6 +206,41 @@ def grid_table(found: dict, models: list[str], settings: list[str]) -> str:
             text = f"{lost:.2f} / {asr:.2f} / {peak:.2f} ({len(runs)})"
             cells.append(f"**{text}**" if asr > 5 else text)
         lines.append(f"| `{model}` ({teacher_line(found, model)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def der_table(found: dict, baselines_dir: Path, settings: list[str]) -> str:
+    """DER (%) of MEDIC settings and of the baselines (`medic_hf.scripts.benchmark` cells in `baselines_dir`) on the
+    models and seeds both have: the same trojaned models, clean data and seeds."""
+    from medic_hf.metrics import defense_effectiveness_rating as der
+
+    def rating(result: dict) -> float:
+        b, a = result["before"], result["after"]
+        return 100 * der(b["attack_success_rate"], a["attack_success_rate"], b["clean_accuracy"], a["clean_accuracy"])
+
+    cells = {}  # (model, seed) -> method -> DER
+    for path in sorted(baselines_dir.glob("cells/*/*/seed*.json")):
+        cell = json.loads(path.read_text())
+        cells.setdefault((cell["attack"], cell["seed"]), {})[cell["defense"]] = rating(cell)
+    for (model, setting), runs in found.items():
+        if setting in settings:
+            for seed, result in runs.items():
+                if (model, seed) in cells:
+                    cells[(model, seed)][f"MEDIC {setting}"] = rating(result)
+    methods = sorted({m for c in cells.values() for m in c}, key=lambda m: (not m.startswith("MEDIC"), m))
+    complete = {key: c for key, c in cells.items() if all(m in c for m in methods)}
+    lines = table_head(
+        "DER (%, BackdoorBench: (max(0, ΔASR) − max(0, ΔACC) + 1) / 2) on the (model, seed) pairs every method ran "
+        f"on ({len(complete)} of {len(cells)}); same models, clean data and seeds.",
+        "model / seed",
+        methods,
+    )
+    for (model, seed), c in sorted(complete.items()):
+        lines.append(f"| {model} / {seed} | " + " | ".join(f"{c[m]:.2f}" for m in methods) + " |")
+    if complete:
+        lines.append(
+            "| **mean** | " + " | ".join(f"**{mean([c[m] for c in complete.values()]):.2f}**" for m in methods) + " |"
+        )
     return "\n".join(lines)
 
 

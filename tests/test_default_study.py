@@ -55,3 +55,20 @@ def test_grid_and_gap_tables_from_hand_made_runs(tmp_path):
     assert gaps["1–2"] == "11.0 (2) |"
     assert gaps["3–5"] == "2.0 (1) |"
     assert gaps["0–1"] == "– |" and gaps["5–10"] == "– |"
+
+
+def test_der_table_compares_methods_on_the_same_models_and_seeds(tmp_path):
+    study = load_script()
+    write(tmp_path, "m", "defaults", 0, result(0.77, 0.02, [(10, 0.77, 0.02)]))
+    write(tmp_path, "m", "defaults", 1, result(0.79, 0.10, [(10, 0.79, 0.10)]))  # no baseline at seed 1: not a pair
+    cell = tmp_path / "baselines" / "cells" / "m" / "ft" / "seed0.json"
+    cell.parent.mkdir(parents=True)
+    before = {"clean_accuracy": 0.80, "attack_success_rate": 0.99}
+    after = {"clean_accuracy": 0.70, "attack_success_rate": 0.49}
+    cell.write_text(json.dumps({"attack": "m", "defense": "ft", "seed": 0, "before": before, "after": after}))
+    table = study.der_table(study.load_results(tmp_path), tmp_path / "baselines", ["defaults"])
+    lines = table.splitlines()
+    assert "(1 of 1)" in lines[0] and lines[2] == "| model / seed | MEDIC defaults | ft |"
+    # MEDIC: (0.97 - 0.03 + 1) / 2 = 97.00; ft: (0.50 - 0.10 + 1) / 2 = 70.00
+    assert lines[4] == "| m / 0 | 97.00 | 70.00 |"
+    assert lines[5] == "| **mean** | **97.00** | **70.00** |"
