@@ -149,10 +149,9 @@ def ready(job: Job) -> bool:
     return all((folder / "metrics.json").is_file() for folder in job.needs)
 
 
-def blocked(job: Job, jobs: list[Job]) -> bool:
-    """A job whose model's training failed or was stopped can never start."""
-    failed = {j.done_file.parent for j in jobs if j.name.startswith("teacher/") and j.state in ("failed", "stopped")}
-    return any(folder in failed for folder in job.needs)
+def failed_models(jobs: list[Job]) -> set[Path]:
+    """The model folders whose training failed or was stopped: the jobs that need them can never start."""
+    return {j.done_file.parent for j in jobs if j.name.startswith("teacher/") and j.state in ("failed", "stopped")}
 
 
 def schedule(jobs: list[Job], args) -> None:
@@ -175,8 +174,9 @@ def schedule(jobs: list[Job], args) -> None:
                     job.copy_to.parent.mkdir(parents=True, exist_ok=True)
                     job.copy_to.write_text(job.done_file.read_text())
                 print(f"[{time.monotonic() - start:6.0f}s] {job.state} {job.name} ({job.seconds} s)", flush=True)
+        failed = failed_models(jobs)
         for job in jobs:
-            if job.state == "pending" and blocked(job, jobs):
+            if job.state == "pending" and any(folder in failed for folder in job.needs):
                 job.state = "blocked"
         waiting = sorted((j for j in jobs if j.state == "pending" and ready(j)), key=lambda j: j.tier)
         for job in waiting[: max(0, args.jobs - len(running))]:

@@ -35,6 +35,7 @@ from .data import (
     check_labels,
     collate,
     find_columns,
+    keep_batches_on_device,
     prepare_for_model,
     resolve_preprocessing,
 )
@@ -270,10 +271,7 @@ class MedicCloner(Trainer):
             logger.info(f"The data set ({len(dataset)} rows) exceeds device_data_max_mb: per-image loading.")
             return False
         self.device_transform = DeviceBatchTransform(preprocessing)
-        if self.args.device.type != "cpu":
-            # Batches are indexed on the device: no worker processes, nothing to pin.
-            self.args.dataloader_num_workers = 0
-            self.args.dataloader_pin_memory = False
+        keep_batches_on_device(self.args)
         return True
 
     def _model_input(self, pixel_values: torch.Tensor, *, train: bool) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from .data import DeviceBatchTransform, collate
+from .data import DeviceBatchTransform, collate, keep_batches_on_device
 from .modeling import forward_logits, save_native
 
 
@@ -29,10 +29,8 @@ class ClassifierTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self.device_transform = device_transform
-        if device_transform is not None and self.args.device.type != "cpu":
-            # Batches are indexed on the device: no worker processes, nothing to pin.
-            self.args.dataloader_num_workers = 0
-            self.args.dataloader_pin_memory = False
+        if device_transform is not None:
+            keep_batches_on_device(self.args)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values = inputs["pixel_values"]

@@ -35,7 +35,14 @@ from ._constants import (
     VIT_MEAN,
     VIT_STD,
 )
-from ._device import DECODE_BATCH, DeviceBatchTransform, DeviceImageSet, collate, random_crop_flip
+from ._device import (
+    DECODE_BATCH,
+    DeviceBatchTransform,
+    DeviceImageSet,
+    collate,
+    keep_batches_on_device,
+    random_crop_flip,
+)
 from ._loading import load_image_dataset
 from ._prepare import (
     BatchTransform,
@@ -71,6 +78,7 @@ __all__ = [
     "class_balanced_subset",
     "collate",
     "collate_batch",
+    "keep_batches_on_device",
     "find_columns",
     "load_image_dataset",
     "prepare_dataset",

@@ -112,6 +112,14 @@ class DeviceBatchTransform:
         return (images.float() - mean) / std
 
 
+def keep_batches_on_device(args) -> None:
+    """Trainer arguments for a `DeviceImageSet` on an accelerator: its batches are indexed on the device, so no
+    worker processes and nothing to pin (pinning a device tensor fails)."""
+    if args.device.type != "cpu":
+        args.dataloader_num_workers = 0
+        args.dataloader_pin_memory = False
+
+
 def random_crop_flip(images: torch.Tensor, pad: int) -> torch.Tensor:
     """Per-sample random crop of a zero-padded batch and random horizontal flip, in one gather."""
     batch, _, height, width = images.shape
