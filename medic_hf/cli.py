@@ -29,16 +29,22 @@ class ArgumentParser(HfArgumentParser):
 
     def _add_dataclass_arguments(self, dtype) -> None:
         type_hints = get_type_hints(dtype)
-        own = set(dtype.__dict__.get("__annotations__", {}))
         fields = [field for field in dataclasses.fields(dtype) if field.init]
-        inherited_from = next((base.__name__ for base in dtype.__mro__[1:] if dataclasses.is_dataclass(base)), None)
-        base_names = {
-            f.name for base in dtype.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)
-        }
-        # The class's new fields first, then the inherited defaults it changes (e.g. MedicConfig's learning_rate).
-        new_first = sorted((f for f in fields if f.name in own), key=lambda f: f.name in base_names)
-        groups = [(f"{dtype.__name__} options", new_first)]
-        groups.append((f"{inherited_from} options (inherited)", [f for f in fields if f.name not in own]))
+        # One group per class of the hierarchy, the class's own first: a field goes to the first class that declares
+        # it, its new fields before the inherited defaults it changes (e.g. MedicConfig's learning_rate), so
+        # MedicConfig's options come before ClassifierConfig's, and those before TrainingArguments'.
+        groups, placed = [], set()
+        for cls in (c for c in dtype.__mro__ if dataclasses.is_dataclass(c)):
+            own = set(cls.__dict__.get("__annotations__", {}))
+            base_names = {
+                f.name for c in cls.__mro__[1:] if dataclasses.is_dataclass(c) for f in dataclasses.fields(c)
+            }
+            group = sorted(
+                (f for f in fields if f.name in own and f.name not in placed), key=lambda f: f.name in base_names
+            )
+            placed.update(f.name for f in group)
+            title = f"{cls.__name__} options" + ("" if cls is dtype else " (inherited)")
+            groups.append((title, group))
         for title, group_fields in groups:
             if not group_fields:
                 continue

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import random
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -21,24 +19,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 from transformers.utils import logging
 
 from .averaging import WeightAverage
 from .cloned_neurons import ClonedNeurons
 from .config import MedicConfig
-from .data import (
-    DeviceBatchTransform,
-    DeviceImageSet,
-    TorchImageDataset,
-    check_labels,
-    collate,
-    find_columns,
-    keep_batches_on_device,
-    prepare_for_model,
-    resolve_preprocessing,
-)
 from .hub import _hub_repo_id, build_model_card, public_name, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
 from .metrics import metric_name
@@ -49,12 +36,11 @@ from .modeling import (
     load_model,
     make_student,
     model_family,
-    num_classes,
-    save_native,
     student_from_base,
 )
 from .neurons import NeuronRecorder, per_sample
 from .timing import StepTimer
+from .training import ClassifierTrainer, random_state_kept
 
 logger = logging.get_logger(__name__)
 
@@ -108,14 +94,7 @@ FINGERPRINT_SETTINGS = (
 )
 
 
-def accuracy_metrics(eval_pred) -> dict[str, float]:
-    """Top-1 accuracy; on a backdoor set (triggered images labelled with the target) this is the ASR."""
-    logits, labels = eval_pred.predictions, eval_pred.label_ids
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
-
-
-class MedicCloner(Trainer):
+class MedicCloner(ClassifierTrainer):
     r"""
     Removes a backdoor by importance-driven cloning (MEDIC, CVPR 2023).
 
@@ -169,15 +148,12 @@ class MedicCloner(Trainer):
         if not isinstance(args, MedicConfig):
             raise TypeError(f"args must be a MedicConfig, got {type(args).__name__}: build it with MedicConfig(...).")
         # Building a cloner leaves the caller's random state as it was (the Trainer seeds it; train() seeds again).
-        with _random_state_kept():
+        with random_state_kept():
             self.teacher_name, self.base_model_id = _teacher_identity(model, base_model_name)
             teacher = load_model(model, trust_remote_code=trust_remote_code) if isinstance(model, str) else model
             teacher.eval().requires_grad_(False)
             self.teacher = teacher
-            self.num_classes = num_classes(teacher)
             self.dataset_name = dataset_name
-            self.image_processor = image_processor
-            self.preprocessing: dict | None = None
             self.resumed_from: str | None = None
             self.warnings: list[str] = []
 
@@ -188,38 +164,28 @@ class MedicCloner(Trainer):
                 student = student_from_base(student, teacher, seed=args.seed, trust_remote_code=trust_remote_code)
             student = make_student(teacher, seed=args.seed) if student is None else student
             self._raw_train_dataset = train_dataset
-            self._custom_collator = data_collator is not None
-            self.args = args  # the Trainer sets it again; the data preparation below reads it first
 
-            train_dataset = self._prepare_data(train_dataset, train=args.augment)
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {k: self._prepare_data(v, train=False) for k, v in eval_dataset.items()}
-            else:
-                eval_dataset = self._prepare_data(eval_dataset, train=False)
-
+            # ClassifierTrainer prepares the data with the teacher's preprocessing, the student's input.
             super().__init__(
-                model=student,
-                args=args,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                data_collator=data_collator or collate,
+                student,
+                args,
+                train_dataset,
+                eval_dataset,
+                data_collator,
+                preprocessing_model=teacher,
+                image_processor=image_processor,
                 processing_class=processing_class,
-                compute_metrics=compute_metrics or accuracy_metrics,
+                compute_metrics=compute_metrics,
                 callbacks=callbacks,
                 optimizers=optimizers,
                 **kwargs,
             )
-            self.step_timer = (
-                StepTimer()
-            )  # the training steps' own time, against the whole run's (docs/performance.md)
+            self.step_timer = StepTimer()  # the training steps' own time, against the whole run's
             self.add_callback(self.step_timer)
             self.weight_average = None
             if args.ema_decay > 0:
                 self.weight_average = WeightAverage(self.accelerator.unwrap_model(self.model), args.ema_decay)
                 self.add_callback(_UpdateAverage(self))
-            # Our loss is a per-batch mean that knows nothing of `num_items_in_batch`.
-            self.model_accepts_loss_kwargs = False
-            self.loss_is_scaled_for_ga = False
             # The frozen teacher is placed on the device (and under autocast) but never wrapped for DDP.
             self.teacher = self.accelerator.prepare_model(self.teacher, evaluation_mode=True)
 
@@ -231,117 +197,6 @@ class MedicCloner(Trainer):
             self._diagnostics: dict[str, dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ set-up
-
-    def _prepare_data(self, dataset, *, train: bool):
-        """Image columns get the model's preprocessing; data that already yields `pixel_values` (a user's
-        `with_transform`, ready tensors, a torch data set of tensors) is used as it is."""
-        if dataset is None:
-            return None
-        if isinstance(dataset, datasets.Dataset) and len(dataset) == 0:
-            raise ValueError("A data set given to MedicCloner is empty: check the split or the filter that made it.")
-        if isinstance(dataset, datasets.Dataset) and dataset.format["type"] == "custom":
-            return self._user_transformed(dataset)
-        if isinstance(dataset, datasets.Dataset):
-            image_column, label_column = find_columns(dataset)
-            self._check_class_count(dataset, label_column)
-            if image_column != "pixel_values":
-                preprocessing = self._resolve_preprocessing()
-                if train:
-                    self._log_preprocessing(preprocessing, dataset, image_column)
-                if self._fits_on_device(dataset, preprocessing):
-                    check_labels(dataset, label_column, self.num_classes)
-                    return DeviceImageSet.from_dataset(
-                        dataset, image_column, label_column, preprocessing, device=self.args.device
-                    )
-        # Per-image loading; `self.preprocessing` is set above for an image column (or by an earlier data set).
-        return prepare_for_model(
-            dataset,
-            self.teacher,
-            train=train,
-            preprocessing=self.preprocessing,
-            num_classes=self.num_classes,
-            **self._preprocessing_options(),
-        )
-
-    def _fits_on_device(self, dataset: datasets.Dataset, preprocessing: dict) -> bool:
-        """device_data='auto': decode the set once onto the device when it takes at most device_data_max_mb."""
-        if self.args.device_data != "auto" or self._custom_collator:  # a user's collator expects rows, not batches
-            return False
-        if DeviceImageSet.nbytes(dataset, preprocessing) > self.args.device_data_max_mb * 2**20:
-            logger.info(f"The data set ({len(dataset)} rows) exceeds device_data_max_mb: per-image loading.")
-            return False
-        self.device_transform = DeviceBatchTransform(preprocessing)
-        keep_batches_on_device(self.args)
-        return True
-
-    def _model_input(self, pixel_values: torch.Tensor, *, train: bool) -> torch.Tensor:
-        """Batches of a device-resident set are uint8: augment (in training) and normalise them here, batched."""
-        if pixel_values.dtype != torch.uint8:
-            return pixel_values
-        return self.device_transform(pixel_values.to(self.args.device), train=train and self.args.augment)
-
-    def _user_transformed(self, dataset: datasets.Dataset):
-        """A data set with the user's own transform (`with_transform` / `set_transform`), used as it is."""
-        item = dataset[0]
-        label_key = next((k for k in ("labels", "label") if k in item), None)
-        if "pixel_values" not in item or label_key is None:
-            raise ValueError(
-                f"The data set's own transform returns keys {sorted(item)}; MedicCloner uses such a data set as it "
-                "is and needs 'pixel_values' (a tensor) and 'label' or 'labels'. Return those from your transform, "
-                "or remove it (ds.reset_format()) to let MedicCloner preprocess the image column itself."
-            )
-        if label_key in dataset.column_names:  # read from the stored column: no image goes through the transform
-            self._check_class_count(dataset, label_key)
-            check_labels(dataset, label_key, self.num_classes)
-        logger.warning("The data set has its own transform: MedicCloner uses its pixel_values as they are.")
-        return TorchImageDataset(
-            dataset, transform=None, num_classes=self.num_classes, image_key="pixel_values", label_key=label_key
-        )
-
-    def _resolve_preprocessing(self) -> dict:
-        """The model's preprocessing (image processor, timm data config or model config) with MedicConfig's
-        image_size / image_mean / image_std on top."""
-        if self.preprocessing is None:
-            self.preprocessing = resolve_preprocessing(self.teacher, **self._preprocessing_options())
-        return self.preprocessing
-
-    def _preprocessing_options(self) -> dict:
-        """resolve_preprocessing's keywords from the cloner's image processor and MedicConfig."""
-        args = self.args
-        return dict(
-            image_processor=self.image_processor,
-            input_size=args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size,
-            mean=args.image_mean,
-            std=args.image_std,
-        )
-
-    def _log_preprocessing(self, preprocessing: dict, dataset: datasets.Dataset, image_column: str) -> None:
-        """One line saying what is applied; a warning when it resizes the images (e.g. 32 px data for a 224 px
-        timm config that came with the architecture, not with the weights)."""
-        channels, height, width = preprocessing["input_size"]
-        first = dataset[0][image_column]
-        size = getattr(first, "size", None)  # PIL: (width, height)
-        augment = f"random crop (padding {min(height, width) // 8}) + horizontal flip" if self.args.augment else "none"
-        line = (
-            f"MEDIC preprocessing of column '{image_column}': {channels}x{height}x{width}, "
-            f"mean {_rounded(preprocessing['mean'])}, std {_rounded(preprocessing['std'])}, augmentation: {augment}"
-        )
-        if size is not None and tuple(size) != (width, height):
-            logger.warning(
-                f"{line}. The images are {size[0]}x{size[1]}: they are resized to {width}x{height}. If the model "
-                "expects their own size, set image_size (and image_mean / image_std) in MedicConfig or pass its "
-                "image_processor."
-            )
-        else:
-            logger.info(line)
-
-    def _check_class_count(self, dataset: datasets.Dataset, label_column: str) -> None:
-        feature = dataset.features.get(label_column)
-        if isinstance(feature, datasets.ClassLabel) and self.num_classes and feature.num_classes != self.num_classes:
-            raise ValueError(
-                f"The data set has {feature.num_classes} classes but the model has {self.num_classes} outputs: "
-                "clone with the data set the model was trained for, or remap the labels to the model's classes."
-            )
 
     def _setup_neurons(self, teacher: nn.Module, student: nn.Module) -> None:
         """Select, pair and hook the teacher's and the student's cloned modules, and check them once on two real
@@ -578,22 +433,6 @@ class MedicCloner(Trainer):
         with open(os.path.join(self.args.output_dir, self.args.importance_log_file), "a") as f:
             f.write(json.dumps(line) + "\n")
 
-    # ------------------------------------------------------------------ optimiser
-
-    def create_optimizer(self, model=None):
-        """The paper's Adam with coupled L2 weight decay on every parameter (unless coupled_weight_decay=False)."""
-        if self.optimizer is None and self.args.coupled_weight_decay:
-            params = [p for p in (model or self.model).parameters() if p.requires_grad]
-            self.optimizer = torch.optim.Adam(
-                params,
-                lr=self.args.learning_rate,
-                betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon,
-                weight_decay=self.args.weight_decay,
-            )
-            return self.optimizer
-        return super().create_optimizer(model)
-
     # ------------------------------------------------------------------ training
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -726,16 +565,6 @@ class MedicCloner(Trainer):
         with self.weight_average.applied(self.accelerator.unwrap_model(self.model)):
             return super().evaluate(*args, **kwargs)
 
-    def get_eval_dataloader(self, eval_dataset=None):
-        """Evaluation sees every image: `dataloader_drop_last` is about training batches."""
-        if not self.args.dataloader_drop_last:
-            return super().get_eval_dataloader(eval_dataset)
-        self.args.dataloader_drop_last = False
-        try:
-            return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.args.dataloader_drop_last = True
-
     @torch.no_grad()
     def evaluate_teacher(self) -> dict[str, float]:
         """Accuracy of the teacher on each eval set, reported as `<name>_accuracy` (the 'before' metrics)."""
@@ -769,29 +598,10 @@ class MedicCloner(Trainer):
     # ------------------------------------------------------------------ saving and the Hub
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Writes the student in its native format (timm / transformers / safetensors), its preprocessing (a
-        transformers image processor, or timm's pretrained_cfg) and a model card."""
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        student = self.accelerator.unwrap_model(self.model)
-        preprocessing = self._saved_preprocessing()
-        if preprocessing is not None and model_family(student) == "timm":
-            # The student's config says how to feed it: what it was trained with, not the architecture's default.
-            student.pretrained_cfg = {**(student.pretrained_cfg or {}), **_timm_data_config(preprocessing)}
-        save_native(student, output_dir)
-        if model_family(student) == "transformers":
-            processor = self.image_processor or (_image_processor(preprocessing) if preprocessing else None)
-            if processor is not None:
-                processor.save_pretrained(output_dir)  # so pipeline("image-classification", model=dir) works
-        self.create_model_card(output_dir=output_dir)
-
-    def _saved_preprocessing(self) -> dict | None:
-        try:
-            return self._resolve_preprocessing()
-        except ValueError:  # a plain model fed ready tensors: nothing known to save
-            return None
+        """Writes the student in its native format with its preprocessing (ClassifierTrainer), and a model card."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self.create_model_card(output_dir=output_dir or self.args.output_dir)
 
     def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
         """README.md built with huggingface_hub.ModelCard: method, teacher, data, what ran, metrics, warnings."""
@@ -991,47 +801,3 @@ def _architecture_name(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("architecture") if family == "timm" else type(model).__name__
     return f"{name or type(model).__name__} ({ {'torch': 'PyTorch'}.get(family, family) })"
-
-
-def _timm_data_config(preprocessing: dict) -> dict:
-    return {
-        "input_size": tuple(preprocessing["input_size"]),
-        "mean": tuple(preprocessing["mean"]),
-        "std": tuple(preprocessing["std"]),
-        "interpolation": preprocessing.get("interpolation", "bilinear"),
-        "crop_pct": preprocessing.get("crop_pct", 1.0),
-    }
-
-
-def _image_processor(preprocessing: dict):
-    """A transformers image processor that resizes to the input size and normalises as the clone was trained."""
-    from PIL import Image
-    from transformers import ViTImageProcessor
-
-    _, height, width = preprocessing["input_size"]
-    resample = getattr(Image.Resampling, str(preprocessing.get("interpolation", "bilinear")).upper(), None)
-    return ViTImageProcessor(
-        size={"height": height, "width": width},
-        resample=resample if resample is not None else Image.Resampling.BILINEAR,
-        image_mean=list(preprocessing["mean"]),
-        image_std=list(preprocessing["std"]),
-    )
-
-
-def _rounded(values) -> tuple[float, ...]:
-    return tuple(round(float(v), 4) for v in values)
-
-
-@contextlib.contextmanager
-def _random_state_kept():
-    """The Python, NumPy and torch random states are put back as they were when the block ends."""
-    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(python)
-        np.random.set_state(numpy)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from .training import ClassifierConfig
 
 IMPORTANCE_MODES = ("both", "activation", "impact", "none")
 HOOK_LAYER_KINDS = ("conv", "norm", "linear")
@@ -15,9 +15,10 @@ MIX_INPUTS = ("none", "mixup", "cutmix")
 
 
 @dataclass
-class MedicConfig(TrainingArguments):
+class MedicConfig(ClassifierConfig):
     r"""
-    Configuration of [`MedicCloner`]: every `transformers.TrainingArguments` field plus the MEDIC fields below.
+    Configuration of [`MedicCloner`]: every [`ClassifierConfig`] field (the `transformers.TrainingArguments` and the
+    data and optimiser options every method of medic_hf shares, `medic_hf/training.py`) plus the MEDIC fields below.
 
     MEDIC (Xu et al., "MEDIC: Remove Model Backdoors via Importance Driven Cloning", CVPR 2023) trains a freshly
     initialised copy of the architecture on a small clean data set with cross-entropy plus an importance-weighted
@@ -32,14 +33,14 @@ class MedicConfig(TrainingArguments):
 
     - `learning_rate=1e-2` (instead of 5e-5)
     - `weight_decay=1e-4` (instead of 0.0), applied as *coupled* L2 by Adam (`torch.optim.Adam`), not AdamW
-    - `optim="adam"`-like behaviour: `coupled_weight_decay=True` makes the cloner build `torch.optim.Adam`
+    - `optim="adam"`-like behaviour: `coupled_weight_decay=True` (ClassifierConfig) builds `torch.optim.Adam`
     - `lr_scheduler_type="cosine"` (instead of `"linear"`)
     - `num_train_epochs=30` (instead of 3; the paper's 60 let the backdoor back: see above)
     - `per_device_train_batch_size=64` (instead of 8), `per_device_eval_batch_size=256` (instead of 8)
     - `remove_unused_columns=False` (instead of True): image columns are transformed on the fly
     - `label_names=["labels"]` (instead of inferred from the forward signature, which timm models lack)
     - `report_to="none"` (instead of every installed tracker)
-    - `logging_steps=10` (instead of 500), `save_strategy="epoch"`, `save_total_limit=2`
+    - `logging_steps=10` (instead of 500), `save_strategy="epoch"` (ClassifierConfig: "no"), `save_total_limit=2`
     - `output_dir="medic-output"`
     """
 
@@ -148,14 +149,6 @@ class MedicConfig(TrainingArguments):
             "weights. 0: off (the paper)."
         },
     )
-    augment: bool = field(
-        default=True,
-        metadata={
-            "help": "Random crop (padding 1/8 of the side) and horizontal flip on clean images given as an image "
-            "column. False feeds them with the evaluation preprocessing only. Rows of ready `pixel_values` are "
-            "never augmented."
-        },
-    )
     hook_layers: list[str] = field(
         default_factory=lambda: list(HOOK_LAYER_KINDS),
         metadata={
@@ -197,50 +190,6 @@ class MedicConfig(TrainingArguments):
             "the clean set cannot blow up the normalised clone loss."
         },
     )
-    coupled_weight_decay: bool = field(
-        default=True,
-        metadata={
-            "help": "Use torch.optim.Adam with L2 weight decay added to the gradient (the paper's optimizer) on "
-            "every parameter. False falls back to the Trainer's `optim` (AdamW by default)."
-        },
-    )
-    image_size: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "Input size for image columns: one value (square) or height width. None takes it from the "
-            "image processor, the timm data config or the model config. A timm model built without pretrained "
-            "weights still carries its default tag's config (224 px for resnet18): set this for 32 px data."
-        },
-    )
-    image_mean: list[float] | None = field(
-        default=None,
-        metadata={
-            "help": "Per-channel normalisation mean for image columns (one value per channel); None: the model's."
-        },
-    )
-    image_std: list[float] | None = field(
-        default=None,
-        metadata={
-            "help": "Per-channel normalisation std for image columns (one value per channel); None: the model's."
-        },
-    )
-    device_data: str = field(
-        default="auto",
-        metadata={
-            "help": "'auto': an image-column data set that fits device_data_max_mb is decoded once into a uint8 "
-            "tensor on the training device, and each batch is augmented and normalised there as tensor ops "
-            "(docs/performance.md). 'never': decode and augment every image with PIL in the data loader.",
-            "choices": ["auto", "never"],
-        },
-    )
-    device_data_max_mb: float = field(
-        default=2048.0,
-        metadata={
-            "help": "The most memory (MiB, N x C x H x W bytes) one decoded data set may take on the device with "
-            "device_data='auto'; larger sets use per-image loading. A 5 percent draw of CIFAR-10 takes 7.3 MiB, "
-            "its test split 29 MiB, 5 percent of ImageNet at 224 px 9.2 GiB."
-        },
-    )
     max_accuracy_drop: float | None = field(
         default=10.0,
         metadata={
@@ -276,7 +225,6 @@ class MedicConfig(TrainingArguments):
     output_dir: str | None = field(default="medic-output", metadata={"help": "Where checkpoints and the model go."})
     learning_rate: float = field(default=1e-2, metadata={"help": "Initial learning rate (paper: 1e-2)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay (paper: 1e-4, coupled L2)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "The scheduler type (paper: cosine)."})
     num_train_epochs: float = field(
         default=30.0,
         metadata={
@@ -284,18 +232,6 @@ class MedicConfig(TrainingArguments):
             "(docs/benchmarks.md)."
         },
     )
-    per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per device (paper: 64)."})
-    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size per device."})
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep image columns: they are transformed on the fly."}
-    )
-    label_names: list[str] | None = field(
-        default_factory=lambda: ["labels"], metadata={"help": "The label key in the batches."}
-    )
-    report_to: None | str | list[str] = field(
-        default="none", metadata={"help": "Trackers to report to ('none', 'all', 'tensorboard', 'wandb', ...)."}
-    )
-    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to save checkpoints."})
     save_total_limit: int | None = field(default=2, metadata={"help": "How many checkpoints to keep."})
 
@@ -338,20 +274,6 @@ class MedicConfig(TrainingArguments):
             raise ValueError("mix_alpha must be > 0.")
         if self.sigma_floor <= 0:
             raise ValueError("sigma_floor must be > 0.")
-        if self.device_data not in ("auto", "never"):
-            raise ValueError(f"device_data={self.device_data!r}: choose 'auto' or 'never'.")
-        if self.image_size is not None:
-            self.image_size = [
-                int(v) for v in ([self.image_size] if isinstance(self.image_size, int) else self.image_size)
-            ]
-            if len(self.image_size) not in (1, 2) or min(self.image_size) <= 0:
-                raise ValueError(f"image_size={self.image_size}: give one size (square) or height width, e.g. 32.")
-        for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, [float(v) for v in ([value] if isinstance(value, (int, float)) else value)])
-        if self.image_std is not None and min(self.image_std) <= 0:
-            raise ValueError(f"image_std={self.image_std}: every value must be > 0.")
 
     @property
     def effective_impact_temperature(self) -> float:
