@@ -40,7 +40,7 @@ from .modeling import (
 )
 from .neurons import NeuronRecorder, per_sample
 from .timing import StepTimer
-from .training import ClassifierTrainer, random_state_kept
+from .training import ClassifierTrainer, distillation_loss, random_state_kept
 
 logger = logging.get_logger(__name__)
 
@@ -387,14 +387,9 @@ class MedicCloner(ClassifierTrainer):
 
     def _label_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on the labels, mixed with distillation of the teacher's softened outputs when asked."""
-        ce = F.cross_entropy(logits, labels)
         alpha = self.args.logit_distillation
-        if alpha == 0:
-            return ce
-        t = self.args.distillation_temperature
-        teacher = F.log_softmax(self._teacher_logits / t, dim=-1)
-        kl = F.kl_div(F.log_softmax(logits / t, dim=-1), teacher, log_target=True, reduction="batchmean")
-        return (1 - alpha) * ce + alpha * t * t * kl
+        teacher = self._teacher_logits if alpha > 0 else None
+        return distillation_loss(logits, teacher, labels, alpha, self.args.distillation_temperature)
 
     def _stop_on_non_finite(self, ce: torch.Tensor, clone: torch.Tensor) -> None:
         last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None

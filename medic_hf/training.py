@@ -140,6 +140,21 @@ class ClassifierConfig(TrainingArguments):
             raise ValueError(f"image_std={self.image_std}: every value must be > 0.")
 
 
+def distillation_loss(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float
+) -> torch.Tensor:
+    """Hinton et al.'s label loss: ``(1 - alpha) * CE(logits, labels) + alpha * T^2 * KL(softmax(teacher / T) ||
+    softmax(logits / T))``, averaged over the batch; ``alpha = 0`` is the cross-entropy alone. ``labels`` are class
+    indices or class probabilities."""
+    ce = F.cross_entropy(logits, labels)
+    if alpha == 0:
+        return ce
+    t = temperature
+    teacher = F.log_softmax(teacher_logits / t, dim=-1)
+    kl = F.kl_div(F.log_softmax(logits / t, dim=-1), teacher, log_target=True, reduction="batchmean")
+    return (1 - alpha) * ce + alpha * t * t * kl
+
+
 def accuracy_metrics(eval_pred) -> dict[str, float]:
     """Top-1 accuracy; on a backdoor set (triggered images labelled with the target) this is the ASR."""
     logits, labels = eval_pred.predictions, eval_pred.label_ids

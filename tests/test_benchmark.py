@@ -16,7 +16,7 @@ POISON_ARGS = (
     """--model_kwargs '{"channels": [8, 8, 8, 8]}'"""
 )
 DEFENSE_KWARGS = {
-    "ft": {"epochs": 1, "batch_size": 25, "show_progress": False},
+    "ft": {"num_train_epochs": 1, "per_device_train_batch_size": 25, "disable_tqdm": True},
     "medic": {"num_train_epochs": 1, "per_device_train_batch_size": 25, "save_strategy": "no", "disable_tqdm": True},
 }
 

@@ -32,14 +32,16 @@ from medic_hf.defenses import (
 )
 from medic_hf.defenses._training import functional_logits
 from medic_hf.defenses.anp import NeuronPerturbation, norm_layers
-from medic_hf.defenses.distillation import kd_loss
 from medic_hf.defenses.nad import default_layers
 from medic_hf.modeling import forward_logits
+from medic_hf.training import distillation_loss
 from tests.conftest import calibrate, pixel_dataset
 from tests.tiny_models import ALL_TINY_MODELS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cifar_tiny"
-COMMON = dict(batch_size=8, eval_batch_size=8, show_progress=False)
+COMMON = dict(
+    per_device_train_batch_size=8, per_device_eval_batch_size=8, disable_tqdm=True, dataloader_pin_memory=False
+)
 
 
 def tiny_config(name: str, tmp_path):
@@ -55,14 +57,14 @@ def tiny_config(name: str, tmp_path):
             importance_log_file=None,
         )
     return {
-        "ft": FineTuningConfig(epochs=1, **COMMON),
-        "fp": FinePruningConfig(epochs=1, **COMMON),
-        "nad": NADConfig(epochs=1, teacher_epochs=1, **COMMON),
+        "ft": FineTuningConfig(num_train_epochs=1, **COMMON),
+        "fp": FinePruningConfig(num_train_epochs=1, **COMMON),
+        "nad": NADConfig(num_train_epochs=1, teacher_epochs=1, **COMMON),
         # Two steps barely move the masks: prune every neuron whose mask moved below 1.
-        "anp": ANPConfig(iterations=2, pruning_threshold=0.999, **COMMON),
-        "mcr": MCRConfig(epochs=1, ft_epochs=1, **COMMON),
-        "scratch": ScratchConfig(epochs=1, **COMMON),
-        "kd": DistillationConfig(epochs=1, **COMMON),
+        "anp": ANPConfig(max_steps=2, pruning_threshold=0.999, **COMMON),
+        "mcr": MCRConfig(num_train_epochs=1, ft_epochs=1, **COMMON),
+        "scratch": ScratchConfig(num_train_epochs=1, **COMMON),
+        "kd": DistillationConfig(num_train_epochs=1, **COMMON),
     }[name]
 
 
@@ -101,7 +103,7 @@ def test_image_columns_get_the_models_preprocessing(tmp_path):
     """A timm model on CIFAR images (an `img` Image column): resized, augmented and normalised like the model's."""
     clean = load_image_dataset(str(FIXTURE / "train.parquet"), cache_dir=str(tmp_path))["train"].select(range(16))
     model = ALL_TINY_MODELS["timm_resnet"]().eval()
-    repaired = fine_tune(model, clean, FineTuningConfig(epochs=1, **COMMON))
+    repaired = fine_tune(model, clean, FineTuningConfig(num_train_epochs=1, **COMMON))
     assert len(repaired.defense_report["losses"]) == 1
 
 
@@ -134,7 +136,7 @@ def tensor_data(n: int = 10, label: int = 0) -> torch.utils.data.Dataset:
 @pytest.mark.parametrize(("max_ratio", "expected"), [(0.25, [1]), (0.5, [1, 3]), (0.75, [1, 3, 0])])
 def test_fine_pruning_prunes_least_active_channels_first(max_ratio, expected):
     model = ControlledCNN()
-    config = FinePruningConfig(epochs=0, acc_ratio=10.0, max_prune_ratio=max_ratio, **COMMON)
+    config = FinePruningConfig(num_train_epochs=0, acc_ratio=10.0, max_prune_ratio=max_ratio, **COMMON)
     repaired = fine_prune(model, tensor_data(), config)
     assert repaired.defense_report["pruned_channels"] == expected
     kept = [c for c in range(4) if c not in expected]
@@ -148,7 +150,7 @@ def test_fine_pruning_stops_before_the_clean_accuracy_drops():
     with torch.no_grad():
         model.fc.weight.copy_(torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
         model.fc.bias.copy_(torch.tensor([0.0, 0.5]))
-    repaired = fine_prune(model, tensor_data(label=0), FinePruningConfig(epochs=0, **COMMON))
+    repaired = fine_prune(model, tensor_data(label=0), FinePruningConfig(num_train_epochs=0, **COMMON))
     assert repaired.defense_report["pruned_channels"] == []
     assert repaired.defense_report["val_accuracy_before"] == 1.0
 
@@ -156,7 +158,7 @@ def test_fine_pruning_stops_before_the_clean_accuracy_drops():
 def test_fine_pruning_keeps_pruned_channels_at_zero_while_fine_tuning():
     data = pixel_dataset(16)
     model = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
-    config = FinePruningConfig(epochs=2, acc_ratio=10.0, max_prune_ratio=0.25, **COMMON)
+    config = FinePruningConfig(num_train_epochs=2, acc_ratio=10.0, max_prune_ratio=0.25, **COMMON)
     repaired = fine_prune(model, data, config)
     pruned = repaired.defense_report["pruned_channels"]
     assert len(pruned) == 16  # 25% of the 64 channels
@@ -191,7 +193,7 @@ def test_nad_default_layers_are_the_last_three_stages(model_name, expected):
 def test_nad_with_named_layers_distils_only_those():
     data = pixel_dataset(8)
     model = calibrate(ALL_TINY_MODELS["timm_resnet"](), data)
-    config = NADConfig(epochs=1, teacher_epochs=0, layers=["layer3", "layer4"], **COMMON)
+    config = NADConfig(num_train_epochs=1, teacher_epochs=0, layers=["layer3", "layer4"], **COMMON)
     repaired = nad(model, data, config)
     assert repaired.defense_report["layers"] == ["layer3", "layer4"]
     assert repaired.defense_report["betas"] == [1000.0, 1000.0]
@@ -214,7 +216,7 @@ def test_prune_by_threshold_zeroes_exactly_the_masks_at_or_below_it():
 def test_anp_prunes_the_neurons_whose_masks_fall_below_the_threshold():
     data = pixel_dataset(16)
     model = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
-    repaired = anp(model, data, ANPConfig(iterations=3, pruning_threshold=0.999, **COMMON))
+    repaired = anp(model, data, ANPConfig(max_steps=3, pruning_threshold=0.999, **COMMON))
     report = repaired.defense_report
     assert set(report["masks"]) == set(norm_layers(model))
     assert report["num_pruned"] > 0
@@ -266,7 +268,7 @@ def test_mcr_with_a_given_end_point_returns_the_curve_point_at_t():
     data = pixel_dataset(8)
     model = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
     end = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
-    config = MCRConfig(epochs=1, lr=0.0, weight_decay=0.0, t=0.3, fine_tuned_model=end, **COMMON)
+    config = MCRConfig(num_train_epochs=1, learning_rate=0.0, weight_decay=0.0, t=0.3, fine_tuned_model=end, **COMMON)
     repaired = dict(mcr(model, data, config).named_parameters())
     for name, param in model.named_parameters():
         expected = 0.7 * param + 0.3 * dict(end.named_parameters())[name]
@@ -276,10 +278,18 @@ def test_mcr_with_a_given_end_point_returns_the_curve_point_at_t():
 # ---------------------------------------------------------------------------------------------------- ablations
 
 
-def test_kd_loss_is_zero_for_equal_logits_and_positive_otherwise():
-    logits = torch.tensor([[1.0, 2.0, 3.0]])
-    assert kd_loss(logits, logits, 4.0).item() == pytest.approx(0.0, abs=1e-7)
-    assert kd_loss(logits, logits.flip(-1), 4.0).item() > 0
+def test_distillation_loss_against_hand_computed_values():
+    logits, labels = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([2])
+    ce = -torch.log_softmax(logits, -1)[0, 2]
+    assert distillation_loss(logits, logits, labels, 1.0, 4.0).item() == pytest.approx(0.0, abs=1e-7)
+    assert distillation_loss(logits, None, labels, 0.0, 4.0).item() == pytest.approx(ce.item())
+    # T = 1, alpha = 0.5: 0.5 CE + 0.5 KL(p_teacher || p_student), KL of the flipped distribution by hand.
+    p, q = torch.softmax(logits.flip(-1), -1)[0], torch.softmax(logits, -1)[0]
+    kl = (p * (p.log() - q.log())).sum()
+    expected = 0.5 * ce + 0.5 * kl
+    assert distillation_loss(logits, logits.flip(-1), labels, 0.5, 1.0).item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
 
 
 def test_plain_clone_refuses_a_nonzero_temperature(tmp_path):
@@ -298,7 +308,7 @@ def mlp() -> nn.Module:
 def test_anp_refuses_a_model_without_normalisation_layers():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     with pytest.raises(ValueError, match="normalisation layers"):
-        anp(model, pixel_dataset(4), ANPConfig(iterations=1, **COMMON))
+        anp(model, pixel_dataset(4), ANPConfig(max_steps=1, **COMMON))
 
 
 @pytest.mark.parametrize(
@@ -315,10 +325,10 @@ def test_conv_defenses_refuse_an_mlp(defense, config):
 def test_nad_refuses_vision_transformers(model_name, message):
     """timm's feature_info names token blocks; transformers' ViT has only its patch embedding as a feature map."""
     with pytest.raises(ValueError, match=message):
-        nad(ALL_TINY_MODELS[model_name](), pixel_dataset(4), NADConfig(epochs=1, teacher_epochs=0, **COMMON))
+        nad(ALL_TINY_MODELS[model_name](), pixel_dataset(4), NADConfig(num_train_epochs=1, teacher_epochs=0, **COMMON))
 
 
 def test_fine_pruning_refuses_a_model_whose_logits_do_not_come_from_a_linear():
     model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(ValueError, match="no nn.Linear"):
-        fine_prune(model, pixel_dataset(4), FinePruningConfig(epochs=0, **COMMON))
+        fine_prune(model, pixel_dataset(4), FinePruningConfig(num_train_epochs=0, **COMMON))

@@ -12,7 +12,7 @@ never modified. ``clean_data`` is a ``datasets.Dataset`` with an image and a lab
 from collections.abc import Callable
 
 from ..config import MedicConfig
-from ._training import DefenseConfig, TrainingConfig
+from ._training import DefenseConfig
 from .anp import ANPConfig, anp, prune_by_threshold
 from .cloning import PlainCloneConfig, medic, plain_clone
 from .distillation import DistillationConfig, distill_logits
@@ -46,7 +46,6 @@ __all__ = [
     "NADConfig",
     "PlainCloneConfig",
     "ScratchConfig",
-    "TrainingConfig",
     "anp",
     "attention_map",
     "bezier_coefficients",

@@ -1,107 +1,62 @@
-"""What the baseline defenses share: the common options, clean-data preparation, and one small training loop.
+"""What the baseline defenses share: the common options, clean-data preparation, and the training stack.
 
 Every defense takes a (possibly trojaned) model and a clean data set — a ``datasets.Dataset`` with an image and a
 label column, rows of ready ``pixel_values`` / ``labels``, or a torch data set of ``(image, label)`` items — and
-returns a repaired model. The helpers here turn the data into ``{"pixel_values", "labels"}`` batches with the
-model's own preprocessing (plus random crop and flip for training) and run a seeded SGD / Adam loop with a cosine or
-constant learning rate.
+returns a repaired model. Training runs on :class:`medic_hf.training.ClassifierTrainer` (:func:`train_classifier`),
+the base trainer of MEDIC too: the same data path, optimiser, schedule (stepped per step), gradient clipping and
+seeding for every method. Defenses that are not a training run of a model (ANP's mask optimisation, fine-pruning's
+pruning search) use the data helpers below in their own small loops.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from ..data import collate_batch, prepare_for_model
 from ..modeling import _copy_without_hooks, _select_logits, dropout_disabled, forward_logits, model_family, num_classes
+from ..training import ClassifierConfig, ClassifierTrainer
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam")
-LR_SCHEDULES = ("cosine", "constant")
-
 
 @dataclass
-class DefenseConfig:
-    """Options every defense has: data, device, seed. Training defenses add :class:`TrainingConfig`'s fields."""
+class DefenseConfig(ClassifierConfig):
+    """The options of every baseline defense: :class:`medic_hf.training.ClassifierConfig` (a
+    `transformers.TrainingArguments`: `num_train_epochs`, `learning_rate`, `per_device_train_batch_size`, `seed`,
+    ...) with BackdoorBench's fine-tuning as defaults (config/defense/ft/config.yaml): 100 epochs, batch 256, SGD
+    lr 0.01, momentum 0.9, weight decay 5e-4 (coupled L2 on every parameter), cosine. The training defenses run
+    on :class:`medic_hf.training.ClassifierTrainer`, as MEDIC does; nothing is saved unless `save_strategy` asks."""
 
-    batch_size: int = field(default=256, metadata={"help": "Clean images per training step."})
-    eval_batch_size: int = field(
-        default=256, metadata={"help": "Images per forward pass when nothing is trained (statistics, accuracy)."}
+    output_dir: str | None = field(
+        default="defense-output", metadata={"help": "Where checkpoints go when save_strategy asks for them."}
     )
-    augment: bool = field(
-        default=True,
-        metadata={
-            "help": "Random crop (padding 1/8 of the side) and horizontal flip on training images given as an image "
-            "column, the usual CIFAR training transform of the papers and BackdoorBench. Ready `pixel_values` rows "
-            "are never augmented."
-        },
-    )
-    preprocessing: dict[str, Any] | None = field(
-        default=None,
-        metadata={
-            "help": "Keyword arguments of medic_hf.data.resolve_preprocessing (input_size, mean, std, "
-            "image_processor). Needed for plain PyTorch models fed an image column; timm and transformers models "
-            "carry their own."
-        },
-    )
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    device: str | None = field(
-        default=None, metadata={"help": "Device to run on; None picks cuda when available, else cpu."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seeds torch / numpy / random and the data order."})
-    show_progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("batch_size and eval_batch_size must be >= 1.")
-
-
-@dataclass
-class TrainingConfig(DefenseConfig):
-    """:class:`DefenseConfig` plus the optimiser of a training phase (defaults: BackdoorBench's fine-tuning)."""
-
-    epochs: int = field(default=100, metadata={"help": "Epochs over the clean set (0 skips training)."})
-    lr: float = field(default=0.01, metadata={"help": "Initial learning rate."})
-    optimizer: str = field(
+    num_train_epochs: float = field(default=100.0, metadata={"help": "Epochs over the clean set (0 skips training)."})
+    learning_rate: float = field(default=0.01, metadata={"help": "Initial learning rate."})
+    optim: str = field(
         default="sgd",
         metadata={
-            "help": "'sgd' (torch.optim.SGD with `momentum`) or 'adam' (torch.optim.Adam); weight decay is the "
-            "optimiser's own (coupled L2).",
-            "choices": list(OPTIMIZERS),
+            "help": "With coupled_weight_decay (default): 'sgd' gives torch.optim.SGD with sgd_momentum, any other "
+            "value torch.optim.Adam; the weight decay is coupled L2 on every parameter."
         },
     )
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (ignored by Adam)."})
     weight_decay: float = field(default=5e-4, metadata={"help": "L2 weight decay of the optimiser."})
-    lr_schedule: str = field(
-        default="cosine",
-        metadata={
-            "help": "'cosine' (CosineAnnealingLR over `epochs`, stepped once per epoch, as BackdoorBench) or "
-            "'constant'.",
-            "choices": list(LR_SCHEDULES),
-        },
+    per_device_train_batch_size: int = field(default=256, metadata={"help": "Clean images per training step."})
+    logging_strategy: str = field(
+        default="epoch", metadata={"help": "Log the mean training loss once per epoch (the defense reports)."}
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r}: choose one of {OPTIMIZERS}.")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r}: choose one of {LR_SCHEDULES}.")
-        if self.epochs < 0 or self.lr < 0 or self.weight_decay < 0:
-            raise ValueError("epochs, lr and weight_decay must be >= 0.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -110,9 +65,8 @@ class TrainingConfig(DefenseConfig):
 
 
 def resolve_device(config: DefenseConfig) -> torch.device:
-    if config.device:
-        return torch.device(config.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The config's training device (`TrainingArguments.device`: cuda when available unless `use_cpu`)."""
+    return config.device
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -124,7 +78,7 @@ def copy_model(model: nn.Module) -> nn.Module:
     return _copy_without_hooks(model)
 
 
-def finish(repaired: nn.Module, like: nn.Module, report: dict[str, Any]) -> nn.Module:
+def finish(repaired: nn.Module, like: nn.Module, report: dict) -> nn.Module:
     """Put the repaired model on the input model's device, in eval mode, with its ``defense_report``."""
     repaired = repaired.to(model_device(like)).eval()
     repaired.defense_report = report
@@ -147,19 +101,22 @@ def functional_logits(model: nn.Module, params: dict[str, torch.Tensor], pixel_v
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Data
+# Data (for the loops that are not a training run: statistics, pruning searches, ANP's masks)
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def prepare_clean_data(model: nn.Module, clean_data, config: DefenseConfig, *, train: bool):
     """``clean_data`` as ``{"pixel_values", "labels"}`` items: the model's preprocessing, crop + flip if ``train``."""
+    size = config.image_size
     return prepare_for_model(
         clean_data,
         model,
         train=train,
         augment=config.augment,
         num_classes=num_classes(model),
-        **(config.preprocessing or {}),
+        input_size=size[0] if size and len(size) == 1 else size,
+        mean=config.image_mean,
+        std=config.image_std,
     )
 
 
@@ -167,18 +124,18 @@ def make_loader(dataset, config: DefenseConfig, *, shuffle: bool, batch_size: in
     generator = torch.Generator().manual_seed(config.seed) if shuffle else None
     return DataLoader(
         dataset,
-        batch_size=batch_size or config.batch_size,
+        batch_size=batch_size or config.per_device_train_batch_size,
         shuffle=shuffle,
         collate_fn=collate_batch,
-        num_workers=config.num_workers,
+        num_workers=config.dataloader_num_workers,
         generator=generator,
     )
 
 
 def make_eval_loader(model: nn.Module, clean_data, config: DefenseConfig) -> DataLoader:
-    """Batches of ``eval_batch_size`` in order, with the model's evaluation preprocessing (no augmentation)."""
+    """Batches of ``per_device_eval_batch_size`` in order, with the model's evaluation preprocessing."""
     dataset = prepare_clean_data(model, clean_data, config, train=False)
-    return make_loader(dataset, config, shuffle=False, batch_size=config.eval_batch_size)
+    return make_loader(dataset, config, shuffle=False, batch_size=config.per_device_eval_batch_size)
 
 
 def split_clean_data(clean_data, fraction: float, seed: int):
@@ -195,7 +152,7 @@ def split_clean_data(clean_data, fraction: float, seed: int):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Training
+# Training: the shared ClassifierTrainer
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -203,81 +160,70 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def make_optimizer(params: Iterable[torch.Tensor], config: TrainingConfig) -> torch.optim.Optimizer:
-    params = list(params)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+class AfterStep(TrainerCallback):
+    """Runs ``fn()`` after every optimizer step (e.g. to keep pruned weights at zero)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.fn()
 
 
-def train_loop(
-    model: nn.Module,
-    loader: DataLoader,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    config: TrainingConfig,
-    *,
-    params: Iterable[torch.Tensor] | None = None,
-    after_step: Callable[[], None] | None = None,
-    desc: str = "training",
-) -> list[float]:
-    """Minimise ``loss_fn(pixel_values, labels)`` over ``config.epochs`` epochs; returns the mean loss per epoch.
-
-    ``model`` is put in train mode each epoch; ``params`` (default: the model's trainable parameters) are optimised;
-    ``after_step`` runs after every optimiser step (e.g. to keep pruned weights at zero).
-    """
-    device = resolve_device(config)
-    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
-    optimizer = make_optimizer(params, config)
-    scheduler = None
-    if config.lr_schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
-    epoch_losses = []
-    with tqdm(total=config.epochs * len(loader), desc=desc, disable=not config.show_progress) as bar:
-        for epoch in range(config.epochs):
-            model.train()
-            total, steps = 0.0, 0
-            for batch in loader:
-                loss = loss_fn(batch["pixel_values"].to(device), batch["labels"].to(device))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: the loss is not finite ({loss.item()}); lower the lr.")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if after_step is not None:
-                    after_step()
-                total, steps = total + loss.item(), steps + 1
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if scheduler is not None:
-                scheduler.step()
-            epoch_losses.append(total / max(1, steps))
-            logger.info("%s: epoch %d/%d, mean loss %.4f", desc, epoch + 1, config.epochs, epoch_losses[-1])
-    return epoch_losses
+def epoch_losses(trainer: ClassifierTrainer) -> list[float]:
+    """The training losses the Trainer logged, in order: the mean per epoch with DefenseConfig's logging_strategy."""
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
 
-def fit_cross_entropy(
+@contextlib.contextmanager
+def run_folder(config: DefenseConfig):
+    """The config, with a temporary `output_dir` when nothing is saved: a defense leaves no folder behind."""
+    if str(getattr(config.save_strategy, "value", config.save_strategy)) != "no":
+        yield config
+        return
+    with tempfile.TemporaryDirectory(prefix="defense-") as tmp:
+        yield dataclasses.replace(config, output_dir=tmp)
+
+
+def fit(trainer: ClassifierTrainer) -> list[float]:
+    """``trainer.train()`` unless the config asks for no training (0 epochs); returns the logged losses."""
+    if trainer.args.num_train_epochs <= 0 and trainer.args.max_steps <= 0:
+        return []
+    trainer.train()
+    return epoch_losses(trainer)
+
+
+def train_classifier(
     model: nn.Module,
     clean_data,
-    config: TrainingConfig,
+    config: DefenseConfig,
     *,
-    desc: str,
-    after_step: Callable[[], None] | None = None,
+    trainer_class: type[ClassifierTrainer] = ClassifierTrainer,
+    after_step=None,
+    **trainer_kwargs,
 ) -> list[float]:
-    """Train ``model`` (in place, moved to the config's device) with cross-entropy on the clean set."""
-    device = resolve_device(config)
-    model.to(device).requires_grad_(True)
-    loader = make_loader(prepare_clean_data(model, clean_data, config, train=True), config, shuffle=True)
+    """Train ``model`` in place on the clean set with ``trainer_class`` (cross-entropy by default) for
+    ``config.num_train_epochs`` (0: no training); returns the logged losses. ``after_step`` runs after every
+    optimizer step."""
+    with run_folder(config) as config:
+        trainer = trainer_class(model, config, train_dataset=clean_data, **trainer_kwargs)
+        if after_step is not None:
+            trainer.add_callback(AfterStep(after_step))
+        return fit(trainer)
 
-    def loss_fn(pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(forward_logits(model, pixel_values).float(), labels)
 
-    return train_loop(model, loader, loss_fn, config, after_step=after_step, desc=desc)
+def trainer_batches(trainer: ClassifierTrainer, *, train: bool) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """``(model input, labels)`` of the trainer's training set, as its training steps see them (augmented if
+    ``train``)."""
+    for batch in trainer.get_train_dataloader():
+        pixel_values = trainer._model_input(batch["pixel_values"].to(trainer.args.device), train=train)
+        yield pixel_values, batch["labels"].to(trainer.args.device)
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
-    """Reset every BatchNorm's running statistics and re-estimate them over ``loader`` (cumulative average, dropout
-    off), like ``torch.optim.swa_utils.update_bn``; returns the number of BatchNorm layers updated."""
+def recompute_batchnorm(model: nn.Module, inputs: Iterable[torch.Tensor]) -> int:
+    """Reset every BatchNorm's running statistics and re-estimate them over the input batches (cumulative
+    average, dropout off), like ``torch.optim.swa_utils.update_bn``; returns the number of BatchNorm layers updated."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
@@ -288,8 +234,8 @@ def recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.devi
     was_training = model.training
     model.train()
     with dropout_disabled(model):
-        for batch in loader:
-            forward_logits(model, batch["pixel_values"].to(device))
+        for pixel_values in inputs:
+            forward_logits(model, pixel_values)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.train(was_training)

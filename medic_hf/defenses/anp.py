@@ -47,11 +47,15 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ANPConfig(DefenseConfig):
     """ANP. Defaults: BackdoorBench (config/defense/anp/config.yaml), which keeps those of the ANP code
-    (csdongxian/ANP_backdoor optimize_mask_cifar.py) except the batch size (ANP: 128)."""
+    (csdongxian/ANP_backdoor optimize_mask_cifar.py) except the batch size (ANP: 128).
 
-    iterations: int = field(default=2000, metadata={"help": "Mask optimisation steps (`nb_iter`, 2000)."})
-    mask_lr: float = field(default=0.2, metadata={"help": "SGD learning rate of the masks (`lr`, 0.2)."})
-    mask_momentum: float = field(default=0.9, metadata={"help": "SGD momentum of the masks (ANP code: 0.9)."})
+    ANP optimises neuron masks, not the model: it keeps its own loop, as its reference does, with the shared
+    vocabulary — `max_steps` mask iterations of SGD at `learning_rate` with `sgd_momentum`, batches of
+    `per_device_train_batch_size` drawn with replacement; the epochs, weight decay and schedule fields are unused."""
+
+    max_steps: int = field(default=2000, metadata={"help": "Mask optimisation steps (`nb_iter`, 2000)."})
+    learning_rate: float = field(default=0.2, metadata={"help": "SGD learning rate of the masks (`lr`, 0.2)."})
+    sgd_momentum: float = field(default=0.9, metadata={"help": "SGD momentum of the masks (ANP code: 0.9)."})
     anp_eps: float = field(default=0.4, metadata={"help": "Perturbation budget eps (0.4); 0 disables the noise."})
     anp_steps: int = field(default=1, metadata={"help": "Signed-gradient steps of the perturbation (1)."})
     anp_alpha: float = field(
@@ -68,8 +72,8 @@ class ANPConfig(DefenseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.iterations < 0 or self.anp_steps < 1 or self.anp_eps < 0 or not 0 <= self.anp_alpha <= 1:
-            raise ValueError("iterations >= 0, anp_steps >= 1, anp_eps >= 0 and anp_alpha in [0, 1] are required.")
+        if self.max_steps < 0 or self.anp_steps < 1 or self.anp_eps < 0 or not 0 <= self.anp_alpha <= 1:
+            raise ValueError("max_steps >= 0, anp_steps >= 1, anp_eps >= 0 and anp_alpha in [0, 1] are required.")
 
 
 def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -114,10 +118,10 @@ def optimize_masks(model: nn.Module, loader, config: ANPConfig, device: torch.de
     layers = norm_layers(model)
     model.requires_grad_(False)
     state = NeuronPerturbation(layers)
-    mask_optimizer = torch.optim.SGD(state.masks.values(), lr=config.mask_lr, momentum=config.mask_momentum)
+    mask_optimizer = torch.optim.SGD(state.masks.values(), lr=config.learning_rate, momentum=config.sgd_momentum)
     step_size = config.anp_eps / config.anp_steps
     model.train()  # as ANP's mask_train: BatchNorm normalises with batch statistics
-    with dropout_disabled(model), tqdm(total=len(loader), desc="ANP masks", disable=not config.show_progress) as bar:
+    with dropout_disabled(model), tqdm(total=len(loader), desc="ANP masks", disable=config.disable_tqdm) as bar:
         for batch in loader:
             pixel_values, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
             if config.anp_eps > 0:
@@ -187,15 +191,15 @@ def anp(model: nn.Module, clean_data, config: ANPConfig | None = None) -> nn.Mod
     sampler = RandomSampler(
         dataset,
         replacement=True,
-        num_samples=config.iterations * config.batch_size,
+        num_samples=config.max_steps * config.per_device_train_batch_size,
         generator=torch.Generator().manual_seed(config.seed),
     )
     loader = DataLoader(
         dataset,
-        batch_size=config.batch_size,
+        batch_size=config.per_device_train_batch_size,
         sampler=sampler,
         collate_fn=collate_batch,
-        num_workers=config.num_workers,
+        num_workers=config.dataloader_num_workers,
     )
     masks = optimize_masks(work, loader, config, device)
     del work

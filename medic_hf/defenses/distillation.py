@@ -1,8 +1,9 @@
 """Logit distillation (Hinton et al., 2015) into a fresh model: MEDIC's ablation that copies only the outputs.
 
 A freshly initialised model of the same architecture learns from the frozen trojaned model's temperature-softened
-logits on the clean set, ``ce_weight * CE(s, y) + kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T))``. The
-teacher is in eval mode, never trained, and runs without gradients.
+logits on the clean set, ``(1 - a) * CE(s, y) + a * T^2 * KL(softmax(t / T) || softmax(s / T))`` — the label loss of
+MEDIC's ``logit_distillation`` option, with the same names. The teacher is in eval mode, never trained, and runs
+without gradients. :class:`DistillationTrainer` is the base trainer with this loss.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import forward_logits, make_student
-from ._training import copy_model, finish, make_loader, prepare_clean_data, resolve_device, seed_everything, train_loop
+from ..training import ClassifierTrainer, distillation_loss
+from ._training import copy_model, finish, seed_everything, train_classifier
 from .scratch import ScratchConfig
 
 logger = logging.getLogger(__name__)
@@ -24,45 +25,60 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DistillationConfig(ScratchConfig):
     """Logit distillation. Optimisation defaults: MEDIC's (as :class:`ScratchConfig`). Loss defaults: Hinton KD as
-    run by RepDistiller (Tian et al., ICLR 2020; train_student.py ``--kd_T 4``, README KD command
-    ``-r 0.1 -a 0.9``)."""
+    run by RepDistiller (Tian et al., ICLR 2020; train_student.py ``--kd_T 4``, README KD command ``-r 0.1 -a 0.9``:
+    0.1 x CE + 0.9 x KD)."""
 
-    temperature: float = field(default=4.0, metadata={"help": "Softmax temperature T (RepDistiller kd_T 4)."})
-    kd_weight: float = field(default=0.9, metadata={"help": "Weight of the T^2-scaled KL term (RepDistiller -a 0.9)."})
-    ce_weight: float = field(default=0.1, metadata={"help": "Weight of the cross-entropy (RepDistiller -r 0.1)."})
+    logit_distillation: float = field(
+        default=0.9, metadata={"help": "Weight a of the T^2-scaled KL term; 1 - a weighs the CE (RepDistiller 0.9)."}
+    )
+    distillation_temperature: float = field(
+        default=4.0, metadata={"help": "Softmax temperature T (RepDistiller kd_T 4)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.temperature <= 0 or self.kd_weight < 0 or self.ce_weight < 0:
-            raise ValueError("temperature must be > 0 and the loss weights >= 0.")
+        if self.distillation_temperature <= 0 or not 0 <= self.logit_distillation <= 1:
+            raise ValueError("distillation_temperature must be > 0 and logit_distillation in [0, 1].")
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch."""
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
+class DistillationTrainer(ClassifierTrainer):
+    """:class:`ClassifierTrainer` whose loss distils a frozen ``teacher``'s logits (``DistillationConfig``)."""
+
+    def __init__(self, model: nn.Module, args: DistillationConfig, *trainer_args, teacher: nn.Module, **kwargs):
+        super().__init__(model, args, *trainer_args, **kwargs)
+        # The frozen teacher is placed on the device (and under autocast) but never wrapped for DDP.
+        self.teacher = self.accelerator.prepare_model(teacher.eval().requires_grad_(False), evaluation_mode=True)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pixel_values, labels = self._model_input(inputs["pixel_values"], train=model.training), inputs["labels"]
+        logits = forward_logits(model, pixel_values)
+        with torch.no_grad():
+            teacher_logits = forward_logits(self.teacher, pixel_values)
+        loss = distillation_loss(
+            logits.float(),
+            teacher_logits.float(),
+            labels,
+            self.args.logit_distillation,
+            self.args.distillation_temperature,
+        )
+        return (loss, {"logits": logits}) if return_outputs else loss
 
 
 def distill_logits(model: nn.Module, clean_data, config: DistillationConfig | None = None) -> nn.Module:
     """Distil ``model``'s logits into a fresh model of its class on ``clean_data``.
 
-    ``defense_report``: ``{"defense": "kd", "losses": [mean loss per epoch]}``.
+    ``defense_report``: ``{"defense": "kd", "temperature": T, "losses": [the logged training losses]}``.
     """
     config = DistillationConfig() if config is None else config
     seed_everything(config.seed)
-    device = resolve_device(config)
-    teacher = copy_model(model).to(device).eval().requires_grad_(False)
-    student = make_student(model, seed=config.seed).to(device)
-    loader = make_loader(prepare_clean_data(student, clean_data, config, train=True), config, shuffle=True)
-
-    def loss_fn(pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = forward_logits(teacher, pixel_values)
-        logits = forward_logits(student, pixel_values)
-        kd = kd_loss(logits, teacher_logits, config.temperature)
-        return config.ce_weight * F.cross_entropy(logits.float(), labels) + config.kd_weight * kd
-
-    losses = train_loop(student, loader, loss_fn, config, desc="logit distillation")
-    logger.info("Distilled the logits into a fresh %s for %d epochs.", type(student).__name__, config.epochs)
-    return finish(student, model, {"defense": "kd", "temperature": config.temperature, "losses": losses})
+    student = make_student(model, seed=config.seed)
+    losses = train_classifier(
+        student,
+        clean_data,
+        config,
+        trainer_class=DistillationTrainer,
+        teacher=copy_model(model),
+        preprocessing_model=model,
+    )
+    logger.info("Distilled the logits into a fresh %s for %s epochs.", type(student).__name__, config.num_train_epochs)
+    return finish(student, model, {"defense": "kd", "temperature": config.distillation_temperature, "losses": losses})

@@ -26,25 +26,25 @@ from torch import nn
 
 from ..modeling import forward_logits
 from ._training import (
-    TrainingConfig,
+    DefenseConfig,
     copy_model,
     finish,
-    fit_cross_entropy,
     make_eval_loader,
     require_conv2d,
     resolve_device,
     seed_everything,
     split_clean_data,
+    train_classifier,
 )
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class FinePruningConfig(TrainingConfig):
-    """Fine-pruning. The fine-tuning fields (epochs, lr, ...) are BackdoorBench's (config/defense/fp/cifar10.yaml:
-    100 epochs, batch 256, SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine), as are the pruning fields below
-    unless stated."""
+class FinePruningConfig(DefenseConfig):
+    """Fine-pruning. The fine-tuning fields (num_train_epochs, learning_rate, ...) are BackdoorBench's
+    (config/defense/fp/cifar10.yaml: 100 epochs, batch 256, SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine),
+    as are the pruning fields below unless stated."""
 
     acc_ratio: float = field(
         default=0.1,
@@ -220,7 +220,7 @@ def fine_prune(model: nn.Module, clean_data, config: FinePruningConfig | None = 
         acc0,
         acc,
     )
-    losses = fit_cross_entropy(repaired, clean_data, config, desc="fine-pruning: fine-tuning", after_step=zero_pruned)
+    losses = train_classifier(repaired, clean_data, config, after_step=zero_pruned)
     report = {
         "defense": "fp",
         "layer": name,

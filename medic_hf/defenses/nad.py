@@ -24,28 +24,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import forward_logits
+from ..training import ClassifierTrainer
 from ._training import (
-    TrainingConfig,
+    DefenseConfig,
     copy_model,
     finish,
-    fit_cross_entropy,
-    make_loader,
-    prepare_clean_data,
+    fit,
     require_conv2d,
-    resolve_device,
+    run_folder,
     seed_everything,
-    train_loop,
+    train_classifier,
+    trainer_batches,
 )
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class NADConfig(TrainingConfig):
+class NADConfig(DefenseConfig):
     """NAD. Defaults: BackdoorBench (config/defense/nad/cifar10.yaml and defense/nad.py) unless stated."""
 
-    epochs: int = field(
-        default=10,
+    num_train_epochs: float = field(
+        default=10.0,
         metadata={
             "help": "Epochs of attention distillation. BackdoorBench runs it for `te_epochs` (10); the NAD code "
             "(bboylyg/NAD config.py) uses 20."
@@ -54,11 +54,13 @@ class NADConfig(TrainingConfig):
     teacher_epochs: int = field(
         default=10, metadata={"help": "Epochs of fine-tuning that make the teacher (BackdoorBench `te_epochs`)."}
     )
-    lr: float = field(default=0.01, metadata={"help": "Learning rate of teacher and student (BackdoorBench 0.01)."})
+    learning_rate: float = field(
+        default=0.01, metadata={"help": "Learning rate of teacher and student (BackdoorBench 0.01)."}
+    )
     weight_decay: float = field(
         default=1e-4, metadata={"help": "SGD weight decay (BackdoorBench nad yaml, NAD 1e-4)."}
     )
-    lr_schedule: str = field(
+    lr_scheduler_type: str = field(
         default="constant",
         metadata={
             "help": "BackdoorBench's NAD resets the lr to 0.01 every epoch below 20 (adjust_learning_rate), so it is "
@@ -171,60 +173,75 @@ def _probe_layers(model: nn.Module, layers: list[str], pixel_values: torch.Tenso
     return maps, tokens
 
 
+class NADTrainer(ClassifierTrainer):
+    """:class:`ClassifierTrainer` whose loss adds ``beta`` x the attention-transfer loss between the model's feature
+    maps and a fine-tuned ``teacher``'s at ``layers`` (:meth:`distil_from` hooks both)."""
+
+    def distil_from(self, teacher: nn.Module, layers: list[str], betas: tuple[float, ...], power: float) -> None:
+        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.layers, self.betas, self.power = layers, betas, power
+        self.student_maps: dict = {}
+        self.teacher_maps: dict = {}
+        student = self.accelerator.unwrap_model(self.model)
+        self.handles = _hook(student, layers, self.student_maps) + _hook(self.teacher, layers, self.teacher_maps)
+
+    def remove_hooks(self) -> None:
+        for handle in getattr(self, "handles", []):
+            handle.remove()
+        self.handles = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pixel_values, labels = self._model_input(inputs["pixel_values"], train=model.training), inputs["labels"]
+        with torch.no_grad():
+            forward_logits(self.teacher, pixel_values)
+        logits = forward_logits(model, pixel_values)
+        loss = F.cross_entropy(logits.float(), labels)
+        for name, beta in zip(self.layers, self.betas):
+            loss = loss + beta * attention_loss(self.student_maps[name], self.teacher_maps[name].detach(), self.power)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
 def nad(model: nn.Module, clean_data, config: NADConfig | None = None) -> nn.Module:
     """Neural Attention Distillation: fine-tune a teacher copy, then distil its attention maps into the model.
 
-    ``defense_report``: ``layers``, ``betas``, ``teacher_losses`` and ``losses`` (mean per epoch).
+    ``defense_report``: ``layers``, ``betas``, ``teacher_losses`` and ``losses`` (the logged training losses).
     """
     config = NADConfig() if config is None else config
     require_conv2d(model, "NAD distils attention maps of convolutional feature maps", "fine_tune or medic")
     seed_everything(config.seed)
-    device = resolve_device(config)
-    student = copy_model(model).to(device)
-    loader = make_loader(prepare_clean_data(student, clean_data, config, train=True), config, shuffle=True)
-
+    student = copy_model(model)
     requested = list(config.layers) if config.layers is not None else default_layers(student)
     for name in requested:
         student.get_submodule(name)  # raises AttributeError naming a mistyped layer
-    layers, tokens = _probe_layers(student, requested, next(iter(loader))["pixel_values"][:2].to(device))
-    if not layers or (config.layers is not None and len(layers) < len(requested)):
-        raise ValueError(
-            f"NAD needs (B, C, H, W) feature maps, but the outputs of {requested} in {type(model).__name__} are not "
-            "(all) 4-D. Pass NADConfig(layers=[...]) naming convolutional stages."
+    with run_folder(config) as run_config:
+        trainer = NADTrainer(student, run_config, train_dataset=clean_data)
+        # Before any training: the layers must give 4-D maps, and (by default) be the model's last stages.
+        pixel_values, _ = next(trainer_batches(trainer, train=False))
+        layers, tokens = _probe_layers(trainer.model, requested, pixel_values[:2])
+        if not layers or (config.layers is not None and len(layers) < len(requested)):
+            raise ValueError(
+                f"NAD needs (B, C, H, W) feature maps, but the outputs of {requested} in {type(model).__name__} are "
+                "not (all) 4-D. Pass NADConfig(layers=[...]) naming convolutional stages."
+            )
+        if config.layers is None and tokens is not None:
+            raise ValueError(
+                f"NAD distils the attention maps of a CNN's last stages, but {type(model).__name__} processes tokens "
+                f"after its convolutional feature maps {layers} ({tokens} outputs a 3-D tensor): it is a "
+                "transformer. Use another defense, or name 4-D layers yourself with NADConfig(layers=[...])."
+            )
+        if len(layers) > len(config.betas):
+            raise ValueError(f"{len(layers)} layers but only {len(config.betas)} betas: give one beta per layer.")
+        betas = config.betas[-len(layers) :]
+
+        teacher = copy_model(model)
+        teacher_losses = train_classifier(
+            teacher, clean_data, dataclasses.replace(config, num_train_epochs=config.teacher_epochs)
         )
-    if config.layers is None and tokens is not None:
-        raise ValueError(
-            f"NAD distils the attention maps of a CNN's last stages, but {type(model).__name__} processes tokens "
-            f"after its convolutional feature maps {layers} ({tokens} outputs a 3-D tensor): it is a transformer. "
-            "Use another defense, or name 4-D layers yourself with NADConfig(layers=[...])."
-        )
-    if len(layers) > len(config.betas):
-        raise ValueError(f"{len(layers)} layers but only {len(config.betas)} betas: give one beta per layer.")
-    betas = config.betas[-len(layers) :]
-
-    teacher = copy_model(model)
-    teacher_config = dataclasses.replace(config, epochs=config.teacher_epochs)
-    teacher_losses = fit_cross_entropy(teacher, clean_data, teacher_config, desc="NAD: teacher fine-tuning")
-    teacher.eval().requires_grad_(False)
-    student.requires_grad_(True)
-
-    student_maps: dict = {}
-    teacher_maps: dict = {}
-    handles = _hook(student, layers, student_maps) + _hook(teacher, layers, teacher_maps)
-
-    def loss_fn(pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            forward_logits(teacher, pixel_values)
-        loss = F.cross_entropy(forward_logits(student, pixel_values).float(), labels)
-        for name, beta in zip(layers, betas):
-            loss = loss + beta * attention_loss(student_maps[name], teacher_maps[name].detach(), config.power)
-        return loss
-
-    try:
-        losses = train_loop(student, loader, loss_fn, config, desc="NAD: attention distillation")
-    finally:
-        for handle in handles:
-            handle.remove()
+        trainer.distil_from(teacher, layers, betas, config.power)
+        try:
+            losses = fit(trainer)
+        finally:
+            trainer.remove_hooks()
     logger.info("NAD: distilled attention at %s with betas %s.", layers, betas)
     report = {"defense": "nad", "layers": layers, "betas": list(betas), "teacher_losses": teacher_losses}
     return finish(student, model, {**report, "losses": losses})
