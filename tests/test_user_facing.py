@@ -153,7 +153,7 @@ def test_preprocessing_is_set_from_the_config_and_logged(tmp_path, caplog):
     assert cloner.preprocessing["input_size"] == (3, 32, 32)
     assert cloner.preprocessing["mean"] == (0.5, 0.5, 0.5) and cloner.preprocessing["std"] == (0.25, 0.25, 0.25)
     assert cloner.train_dataset[0]["pixel_values"].shape == (3, 32, 32)
-    lines = [r.getMessage() for r in caplog.records if "MEDIC preprocessing" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "MedicCloner preprocessing" in r.getMessage()]
     assert len(lines) == 1 and "3x32x32" in lines[0] and "horizontal flip" in lines[0]
     assert "resized" not in lines[0]
 

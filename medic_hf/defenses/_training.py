@@ -37,7 +37,8 @@ class DefenseConfig(ClassifierConfig):
     """The options of every baseline defense: :class:`medic_hf.training.ClassifierConfig` (a
     `transformers.TrainingArguments`: `num_train_epochs`, `learning_rate`, `per_device_train_batch_size`, `seed`,
     ...) with BackdoorBench's fine-tuning as defaults (config/defense/ft/config.yaml): 100 epochs, batch 256, SGD
-    lr 0.01, momentum 0.9, weight decay 5e-4 (coupled L2 on every parameter), cosine. The training defenses run
+    lr 0.01, momentum 0.9, weight decay 5e-4 (coupled L2 on every parameter), cosine, no gradient clipping. The
+    training defenses run
     on :class:`medic_hf.training.ClassifierTrainer`, as MEDIC does; nothing is saved unless `save_strategy` asks."""
 
     output_dir: str | None = field(
@@ -54,6 +55,13 @@ class DefenseConfig(ClassifierConfig):
     )
     weight_decay: float = field(default=5e-4, metadata={"help": "L2 weight decay of the optimiser."})
     per_device_train_batch_size: int = field(default=256, metadata={"help": "Clean images per training step."})
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": "Gradient clipping norm; 0: none, as BackdoorBench and the defenses' own code train (the "
+            "Trainer's default is 1.0, MEDIC's)."
+        },
+    )
     logging_strategy: str = field(
         default="epoch", metadata={"help": "Log the mean training loss once per epoch (the defense reports)."}
     )

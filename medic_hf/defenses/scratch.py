@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 class ScratchConfig(DefenseConfig):
     """Training from scratch. Defaults are MEDIC's optimisation (paper Appendix D, :class:`medic_hf.MedicConfig`), so
     that the ablation differs from MEDIC only in its loss: Adam lr 1e-2 with coupled L2 1e-4, cosine, 30 epochs
-    (MEDIC's default, not the paper's 60), batch 64."""
+    (MEDIC's default, not the paper's 60), batch 64, gradients clipped at norm 1.0."""
 
     num_train_epochs: float = field(
         default=30.0, metadata={"help": "Epochs over the clean set (MEDIC's default: 30)."}
@@ -34,6 +34,7 @@ class ScratchConfig(DefenseConfig):
         metadata={"help": "With coupled_weight_decay: 'sgd' gives SGD, any other value Adam with coupled L2 (MEDIC)."},
     )
     weight_decay: float = field(default=1e-4, metadata={"help": "Coupled L2 weight decay (MEDIC: 1e-4)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (MEDIC: the Trainer's 1.0)."})
 
 
 def train_from_scratch(model: nn.Module, clean_data, config: ScratchConfig | None = None) -> nn.Module:
