@@ -72,6 +72,7 @@ FINGERPRINT_SETTINGS = (
     "stats_granularity",
     "sigma_floor",
     "coupled_weight_decay",
+    "sgd_momentum",
     "image_size",
     "image_mean",
     "image_std",
@@ -522,10 +523,11 @@ class MedicCloner(ClassifierTrainer):
             raise ValueError(f"{checkpoint} records no MEDIC run fingerprint, so it cannot be resumed safely. {fix}")
         current = self.fingerprint()
         differs = [part for part in ("teacher", "data") if saved.get(part) != current[part]]
-        settings = {
-            k: (saved.get("settings", {}).get(k), v)
+        saved_settings = saved.get("settings", {})
+        settings = {  # a setting an older version did not record (e.g. sgd_momentum) is not held against it
+            k: (saved_settings.get(k), v)
             for k, v in current["settings"].items()
-            if saved.get("settings", {}).get(k) != v
+            if k in saved_settings and saved_settings[k] != v
         }
         if differs or settings:
             what = [f"the {part}" for part in differs]
@@ -658,7 +660,7 @@ class MedicCloner(ClassifierTrainer):
             "stats_granularity": a.stats_granularity,
             "augment (crop + flip)": a.augment,
             "sigma_floor": a.sigma_floor,
-            "optimizer": "Adam (coupled L2)" if a.coupled_weight_decay else str(getattr(a.optim, "value", a.optim)),
+            "optimizer": self.optimizer_description(),
             "learning_rate": a.learning_rate,
             "weight_decay": a.weight_decay,
             "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
