@@ -85,6 +85,43 @@ def test_poison_clean_baseline_with_model_kwargs(tmp_path):
     assert model.fc.in_features == 32 and model.layer1[0].conv1.out_channels == 8
 
 
+def test_poison_transfer_upstream_then_downstream_classes(tmp_path):
+    """The transfer benchmark's two steps: an upstream model on some classes, then a trojaned fine-tune of it with a
+    fresh classifier on other classes, relabelled 0..k-1."""
+    from medic_hf.data import load_image_dataset
+    from medic_hf.modeling import load_model
+    from medic_hf.scripts.poison import select_classes
+
+    small = ["--model_kwargs", '{"channels": [8, 8, 8, 8]}']
+    up, up_metrics = _poison(tmp_path, "up", "--attack", "none", "--classes", "0", "1", "2", *small)
+    test = load_image_dataset(FIXTURE)["test"]
+    assert up_metrics["clean_samples"] == sum(label in (0, 1, 2) for label in test["label"])
+    assert load_model(up).fc.out_features == 3
+
+    down, metrics = _poison(
+        tmp_path,
+        "down",
+        "--attack",
+        "badnets",
+        "--classes",
+        "5",
+        "3",
+        "--init_from",
+        str(up),
+        "--new_classifier",
+        "true",
+    )
+    model, base = load_model(down), load_model(up)
+    assert model.fc.out_features == 2 and metrics["clean_samples"] == sum(label in (5, 3) for label in test["label"])
+    assert json.loads((down / "attack.json").read_text())["target_class"] == 0  # class 5, relabelled
+
+    relabelled = select_classes(test, "label", [5, 3])
+    assert relabelled.features["label"].names == [test.features["label"].names[c] for c in (5, 3)]
+    assert sorted(set(relabelled["label"])) == [0, 1]
+    assert relabelled["label"] == [[5, 3].index(label) for label in test["label"] if label in (5, 3)]
+    assert model.layer1[0].conv1.weight.shape == base.layer1[0].conv1.weight.shape
+
+
 def test_poison_label_consistent_needs_and_uses_a_surrogate(tmp_path):
     with pytest.raises(SystemExit, match="--surrogate"):
         _poison(tmp_path, "lc0", "--attack", "label_consistent")

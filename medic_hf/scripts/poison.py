@@ -94,6 +94,21 @@ class PoisonArguments:
         default=None,
         metadata={"help": "Continue training this saved model (a folder made by this recipe) instead of a fresh one."},
     )
+    classes: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Keep only these classes of both splits, relabelled 0..k-1 in the order given (e.g. 5 6 7 8 9: "
+            "the transfer benchmark's downstream task, docs/transfer.md). The attack's target class is then a new "
+            "label."
+        },
+    )
+    new_classifier: bool = field(
+        default=False,
+        metadata={
+            "help": "With --init_from: replace the loaded model's classifier by a fresh one for this task's classes, "
+            "as transfer learning does (timm models)."
+        },
+    )
 
 
 @dataclass
@@ -111,6 +126,24 @@ class PoisonTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (resumable)."})
     save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept."})
     logging_steps: float = field(default=50, metadata={"help": "Log every N steps."})
+
+
+def select_classes(ds, label_column: str, classes: list[int]):
+    """The rows of ``classes``, relabelled 0..k-1 in the given order, with a ClassLabel of their names."""
+    import datasets
+
+    classes = [int(c) for c in classes]
+    feature = ds.features[label_column]
+    unknown = [c for c in classes if not 0 <= c < feature.num_classes]
+    if unknown or len(set(classes)) != len(classes):
+        raise SystemExit(f"--classes {classes}: give distinct labels in 0..{feature.num_classes - 1}.")
+    new_label = {c: i for i, c in enumerate(classes)}
+    rows = [i for i, label in enumerate(ds[label_column]) if label in new_label]
+    names = [feature.names[c] for c in classes] if isinstance(feature, datasets.ClassLabel) else None
+    kept = ds.select(rows)
+    relabelled = [new_label[label] for label in kept[label_column]]
+    kept = kept.remove_columns(label_column).add_column(label_column, relabelled)
+    return kept.cast_column(label_column, datasets.ClassLabel(names=names or [str(c) for c in classes]))
 
 
 def channel_stats(ds, image_column: str, n: int = 2000) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -237,6 +270,8 @@ def main(args: list[str] | None = None) -> dict:
     if script_args.max_eval_samples:
         test = test.select(range(min(script_args.max_eval_samples, len(test))))
     image_column, label_column = find_columns(train)
+    if script_args.classes:
+        train, test = (select_classes(ds, label_column, script_args.classes) for ds in (train, test))
     num_classes = train.features[label_column].num_classes
 
     attack = build_attack(script_args)
@@ -253,6 +288,10 @@ def main(args: list[str] | None = None) -> dict:
     if script_args.init_from:
         model = load_model(script_args.init_from)
         mean, std = tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"])
+        if script_args.new_classifier:
+            if not hasattr(model, "reset_classifier"):
+                raise SystemExit("--new_classifier needs a timm model (reset_classifier); this one has none.")
+            model.reset_classifier(num_classes)
     else:
         model_kwargs = json.loads(script_args.model_kwargs or "{}")
         model = create_model(
