@@ -1,5 +1,6 @@
 """Transfer-learned teachers: the student starts from the trusted pretrained base, not from noise."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -99,3 +100,32 @@ def test_the_recipe_takes_student_name_or_path(tmp_path):
     saved = (tmp_path / "out" / "results.json").read_text()
     assert json.loads(saved)["student_base"] == "base" and str(tmp_path) not in saved  # uploaded with the model
     assert "## Student initialisation" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_transfer_benchmark_end_to_end_on_the_fixture(tmp_path):
+    """benchmarks/transfer.py on the tiny fixture: base, trojaned fine-tune, MEDIC from the base with its backdoor
+    trajectory, fine-tuning the base alone, a report; a second call resumes (nothing is trained again)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
+    spec = importlib.util.spec_from_file_location("transfer_benchmark", script)
+    transfer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(transfer)
+    fixture = Path(__file__).resolve().parent / "fixtures" / "cifar_tiny"
+    argv = [
+        "--dataset_name", str(fixture), "--upstream_epochs", "1", "--downstream_epochs", "1",
+        "--attacks", "badnets", "--methods", "medic_base", "ft_base", "--seeds", "0", "--clean_fraction", "0.5",
+        "--medic_epochs", "2", "--eval_every", "1", "--trace_samples", "10",
+        "--poison_args", """--model_kwargs {"channels":[8,8,8,8]} --per_device_train_batch_size 25""",
+        "--models_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    summary = transfer.main(argv)
+    assert set(summary) == {"medic_base", "ft_base"}
+    cell = json.loads((tmp_path / "out" / "cells" / "badnets" / "medic_base" / "seed0.json").read_text())
+    assert [round(p["epoch"]) for p in cell["trajectory"]] == [1, 2]
+    assert {"clean_accuracy", "attack_success_rate"} <= set(cell["trajectory"][0])
+    assert cell["clean_samples"] == 25  # half of the fixture's 50 downstream training images
+    assert (tmp_path / "models" / "upstream" / "metrics.json").exists()
+    results = (tmp_path / "out" / "results.md").read_text()
+    assert "`medic_base`" in results and "`ft_base`" in results
+    stamp = (tmp_path / "out" / "cells" / "badnets" / "medic_base" / "seed0.json").stat().st_mtime
+    transfer.main(argv)  # resumes: the finished cell is kept as it is
+    assert (tmp_path / "out" / "cells" / "badnets" / "medic_base" / "seed0.json").stat().st_mtime == stamp

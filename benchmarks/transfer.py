@@ -1,0 +1,364 @@
+"""The transfer benchmark of docs/transfer.md (issue 17): a CPU simulation of transfer learning, said to be one.
+
+1. An upstream model (the preset's timm resnet18 at 3/8 width, 32 px) is trained on five CIFAR-10 classes
+   (`--upstream_classes`, default airplane..deer): the trusted pretrained base.
+2. It is fine-tuned, with a fresh classifier, on the other five classes (`--downstream_classes`, relabelled 0..4) by
+   `recipes/poison.py --init_from ... --new_classifier`: once clean (the label-consistent surrogate and a reference),
+   once per attack (`--attacks`): the trojaned models.
+3. The defender holds the upstream weights and a class-balanced `--clean_fraction` of the downstream training split.
+   Each method of `--methods` runs on the same data and seeds:
+   - `medic_base`: MEDIC with the student started from the upstream base (`MedicCloner(student=...)`);
+   - `medic`: MEDIC from scratch (the paper's method);
+   - `clone_base`: plain cloning (τ = 0) from the base;
+   - `ft_base`: fine-tuning the base (fresh classifier) on the clean set alone: needs no teacher at all;
+   - `ft`, `nad`, `anp`: the baselines on the trojaned model (`medic_hf.defenses`, the CPU preset's budgets).
+   The MEDIC-style runs evaluate the clean accuracy and the ASR every `--eval_every` epochs on `--trace_samples`
+   test images (the no-rebound check); every cell ends with the full test split and its backdoor view.
+
+Every model and cell is written when it finishes and skipped when found, so the script resumes where it was killed:
+
+    OMP_NUM_THREADS=1 python benchmarks/transfer.py --seeds 0 1
+    OMP_NUM_THREADS=1 python benchmarks/transfer.py --methods medic_base --medic_kwargs '{"learning_rate": 1e-3}' \\
+        --tag lr1e-3                      # another MEDIC-from-base setting, in its own cells
+    python benchmarks/transfer.py --report_only     # results.{json,md} and trajectories.png from the cells
+
+Results: `benchmarks/results/transfer/` (cells, results.md, results.json, trajectories.png); models: `runs/transfer/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from medic_hf import MedicCloner, MedicConfig
+from medic_hf.attacks import load_attack
+from medic_hf.data import class_balanced_subset, find_columns, load_image_dataset
+from medic_hf.defenses import DEFENSES, FineTuningConfig, PlainCloneConfig, fine_tune
+from medic_hf.metrics import ATTACK_SUCCESS_RATE, CLEAN_ACCURACY, defense_effectiveness_rating
+from medic_hf.modeling import load_model
+from medic_hf.scripts import poison
+from medic_hf.scripts.benchmark import evaluate
+from medic_hf.scripts.poison import select_classes
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["medic_base", "medic", "clone_base", "ft_base", "ft", "nad", "anp"]
+TRAJECTORY_METHODS = {"medic_base", "medic", "clone_base"}
+# The CPU preset's budgets (recipes/benchmark_cpu.yaml): fine-tuning 30 epochs, ANP 200 mask steps.
+BASELINE_KWARGS = {"ft": {"num_train_epochs": 30}, "nad": {}, "anp": {"max_steps": 200}}
+ATTACK_FLAGS = {
+    "badnets": ["--attack", "badnets"],
+    "blended": ["--attack", "blended"],
+    "sig": ["--attack", "sig", "--poison_rate", "0.05"],
+    "label_consistent": [
+        "--attack",
+        "label_consistent",
+        "--poison_rate",
+        "0.05",
+        "--attack_kwargs",
+        '{"corners": "all"}',
+    ],
+    "wanet": ["--attack", "wanet"],
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_name", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
+    parser.add_argument("--poison_config", default=str(ROOT / "recipes" / "poison_cifar10_small.yaml"))
+    parser.add_argument("--upstream_classes", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--downstream_classes", type=int, nargs="+", default=[5, 6, 7, 8, 9])
+    parser.add_argument("--upstream_epochs", type=int, default=20, help="Epochs of the base (the preset's 20).")
+    parser.add_argument("--downstream_epochs", type=int, default=10, help="Epochs of each downstream fine-tune.")
+    parser.add_argument("--downstream_lr", type=float, default=0.01, help="SGD learning rate of the fine-tunes.")
+    parser.add_argument(
+        "--attacks", nargs="+", default=["badnets", "blended", "sig", "label_consistent"], choices=sorted(ATTACK_FLAGS)
+    )
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--clean_fraction", type=float, default=0.05)
+    parser.add_argument("--medic_epochs", type=float, default=30, help="Epochs of the MEDIC-style runs.")
+    parser.add_argument("--medic_kwargs", default="{}", help="JSON: MedicConfig fields of the MEDIC-style runs.")
+    parser.add_argument("--tag", default="", help="Suffix of the cells' method names (another setting).")
+    parser.add_argument("--eval_every", type=int, default=3, help="Epochs between backdoor checks (0: none).")
+    parser.add_argument("--trace_samples", type=int, default=1000, help="Test images per trajectory evaluation.")
+    parser.add_argument("--poison_args", default="", help="Extra recipes/poison.py flags (a smoke test's short runs).")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate on the first N test rows.")
+    parser.add_argument("--models_dir", default=str(ROOT / "runs" / "transfer"))
+    parser.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results" / "transfer"))
+    parser.add_argument("--report_only", action="store_true")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The models: upstream base, clean and trojaned downstream fine-tunes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def train_model(args, name: str, flags: list[str]) -> Path:
+    folder = Path(args.models_dir) / name
+    if (folder / "metrics.json").exists():
+        return folder
+    flags = [
+        "--config",
+        args.poison_config,
+        "--dataset_name",
+        args.dataset_name,
+        *flags,
+        *args.poison_args.split(),
+        "--output_dir",
+        str(folder),
+        "--disable_tqdm",
+        "true",
+    ]
+    print(f"[transfer] training {name}: recipes/poison.py {' '.join(flags)}", flush=True)
+    poison.main(flags)
+    return folder
+
+
+def upstream(args) -> Path:
+    classes = ["--classes", *map(str, args.upstream_classes)]
+    return train_model(
+        args, "upstream", ["--attack", "none", *classes, "--num_train_epochs", str(args.upstream_epochs)]
+    )
+
+
+def downstream(args, attack: str) -> Path:
+    """The base fine-tuned on the downstream classes: clean ("none") or trojaned by ``attack``."""
+    base = upstream(args)
+    flags = [
+        "--classes",
+        *map(str, args.downstream_classes),
+        "--init_from",
+        str(base),
+        "--new_classifier",
+        "true",
+        "--num_train_epochs",
+        str(args.downstream_epochs),
+        "--learning_rate",
+        str(args.downstream_lr),
+    ]
+    if attack == "none":
+        return train_model(args, "clean", ["--attack", "none", *flags])
+    if attack == "label_consistent":
+        flags += ["--surrogate", str(downstream(args, "none"))]
+    return train_model(args, attack, [*ATTACK_FLAGS[attack], *flags])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The cells
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def task_data(args, dataset, model_dir: Path) -> dict:
+    _, label_column = find_columns(dataset["train"])
+    train = select_classes(dataset["train"], label_column, args.downstream_classes)
+    test = select_classes(dataset["test"], label_column, args.downstream_classes)
+    if args.max_eval_samples:
+        test = test.select(range(min(args.max_eval_samples, len(test))))
+    threat = load_attack(model_dir)
+    return {"train": train, "test": test, "backdoor": threat.backdoor_test_view(test), "target": threat.target_class}
+
+
+def medic_config(args, method: str, seed: int, work: Path, steps_per_epoch: int) -> MedicConfig:
+    kwargs = dict(
+        output_dir=str(work),
+        num_train_epochs=args.medic_epochs,
+        save_strategy="no",
+        importance_log_file=None,
+        disable_tqdm=True,
+        seed=seed,
+        **json.loads(args.medic_kwargs),
+    )
+    if args.eval_every:
+        kwargs.update(eval_strategy="steps", eval_steps=args.eval_every * steps_per_epoch)
+    config_class = PlainCloneConfig if method.startswith("clone") else MedicConfig
+    return config_class(**kwargs)
+
+
+def run_medic(args, method, seed, teacher_dir, base_dir, clean, data, work) -> tuple[torch.nn.Module, list]:
+    steps_per_epoch = math.ceil(len(clean) / 64)
+    config = medic_config(args, method, seed, work, steps_per_epoch)
+    trace = min(args.trace_samples, len(data["test"]))
+    eval_sets = {"clean": data["test"].select(range(trace)), "backdoor": data["backdoor"].select(range(trace))}
+    student = str(base_dir) if method.endswith("_base") else None
+    cloner = MedicCloner(str(teacher_dir), config, train_dataset=clean, eval_dataset=eval_sets, student=student)
+    try:
+        cloner.train()
+    finally:
+        cloner.remove_hooks()
+    by_step: dict[int, dict] = {}  # the clean and the backdoor evaluations are logged as two entries per step
+    for log in cloner.state.log_history:
+        for key, name in (("eval_clean_accuracy", CLEAN_ACCURACY), ("eval_backdoor_accuracy", ATTACK_SUCCESS_RATE)):
+            if key in log:
+                by_step.setdefault(log["step"], {"epoch": round(log["epoch"], 2)})[name] = log[key]
+    trajectory = [point for _, point in sorted(by_step.items())]
+    return cloner.accelerator.unwrap_model(cloner.model).eval(), trajectory
+
+
+def run_cell(args, attack: str, method: str, seed: int, dataset) -> dict:
+    name = method + (f"-{args.tag}" if args.tag and method in TRAJECTORY_METHODS else "")
+    cell_file = Path(args.output_dir) / "cells" / attack / name / f"seed{seed}.json"
+    if cell_file.exists():
+        return json.loads(cell_file.read_text())
+    teacher_dir, base_dir = downstream(args, attack), upstream(args)
+    data = task_data(args, dataset, teacher_dir)
+    before_file = Path(args.output_dir) / "cells" / attack / "before.json"
+    if not before_file.exists():
+        before_file.parent.mkdir(parents=True, exist_ok=True)
+        metrics = evaluate(load_model(teacher_dir), data["test"], data["backdoor"], data["target"], 256)
+        before_file.write_text(json.dumps(metrics, indent=2))
+    before = json.loads(before_file.read_text())
+    clean = class_balanced_subset(data["train"], fraction=args.clean_fraction, seed=seed)
+    work = Path(args.models_dir) / "work" / attack / name / f"seed{seed}"
+    torch.manual_seed(seed)
+    start, trajectory = time.perf_counter(), None
+    if method in TRAJECTORY_METHODS:
+        repaired, trajectory = run_medic(args, method, seed, teacher_dir, base_dir, clean, data, work)
+    elif method == "ft_base":
+        base = load_model(base_dir)
+        base.reset_classifier(len(args.downstream_classes))  # the downstream task's fresh classifier
+        repaired = fine_tune(base, clean, FineTuningConfig(seed=seed, disable_tqdm=True, **BASELINE_KWARGS["ft"]))
+    else:
+        function, config_class = DEFENSES[method]
+        repaired = function(
+            load_model(teacher_dir), clean, config_class(seed=seed, disable_tqdm=True, **BASELINE_KWARGS[method])
+        )
+    seconds = time.perf_counter() - start
+    after = evaluate(repaired, data["test"], data["backdoor"], data["target"], 256)
+    cell = {
+        "attack": attack,
+        "method": name,
+        "seed": seed,
+        "clean_samples": len(clean),
+        "before": before,
+        "after": after,
+        "der": defense_effectiveness_rating(
+            before[ATTACK_SUCCESS_RATE], after[ATTACK_SUCCESS_RATE], before[CLEAN_ACCURACY], after[CLEAN_ACCURACY]
+        ),
+        "seconds": round(seconds, 1),
+        "trajectory": trajectory,
+        "medic_kwargs": json.loads(args.medic_kwargs),
+    }
+    cell_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cell_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cell, indent=2))
+    tmp.replace(cell_file)
+    return cell
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def collect(output_dir: Path) -> list[dict]:
+    return [json.loads(f.read_text()) for f in sorted(output_dir.glob("cells/*/*/seed*.json"))]
+
+
+def summarise(cells: list[dict]) -> dict:
+    """Per method and attack, the means over seeds (in %) and the highest trajectory ASR."""
+    table: dict = {}
+    for cell in cells:
+        table.setdefault(cell["method"], {}).setdefault(cell["attack"], []).append(cell)
+    summary = {}
+    for method, by_attack in table.items():
+        summary[method] = {}
+        for attack, group in by_attack.items():
+            mean = lambda values: 100 * sum(values) / len(values)  # noqa: E731
+            peaks = [max(p["attack_success_rate"] for p in c["trajectory"]) for c in group if c.get("trajectory")]
+            summary[method][attack] = {
+                "seeds": sorted(c["seed"] for c in group),
+                "acc_before": mean([c["before"][CLEAN_ACCURACY] for c in group]),
+                "asr_before": mean([c["before"][ATTACK_SUCCESS_RATE] for c in group]),
+                "acc": mean([c["after"][CLEAN_ACCURACY] for c in group]),
+                "asr": mean([c["after"][ATTACK_SUCCESS_RATE] for c in group]),
+                "der": mean([c["der"] for c in group]),
+                "peak_asr": mean(peaks) if peaks else None,
+            }
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    attacks = sorted({a for by_attack in summary.values() for a in by_attack})
+    lines = [
+        "Each cell: clean accuracy / ASR after (highest ASR of the trajectory) — DER, in %, mean over seeds "
+        "(their number in brackets).",
+        "",
+        "| method | " + " | ".join(attacks) + " | mean DER |",
+        "|---" * (len(attacks) + 2) + "|",
+    ]
+    for method, by_attack in sorted(summary.items(), key=lambda kv: METHODS.index(kv[0].split("-")[0])):
+        row, ders = [], []
+        for attack in attacks:
+            s = by_attack.get(attack)
+            if s is None:
+                row.append("–")
+                continue
+            peak = f" ({s['peak_asr']:.1f})" if s["peak_asr"] is not None else ""
+            row.append(f"{s['acc']:.2f} / {s['asr']:.1f}{peak} — {s['der']:.1f} ({len(s['seeds'])})")
+            ders.append(s["der"])
+        mean_der = f"{sum(ders) / len(ders):.1f}" if len(ders) == len(attacks) else "–"
+        lines.append(f"| `{method}` | " + " | ".join(row) + f" | {mean_der} |")
+    before = {a: next(s[a] for s in summary.values() if a in s) for a in attacks}
+    lines += [
+        "",
+        "Trojaned models: "
+        + ", ".join(f"{a} {b['acc_before']:.2f}% / {b['asr_before']:.1f}% ASR" for a, b in before.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traced = [c for c in cells if c.get("trajectory")]
+    attacks = sorted({c["attack"] for c in traced})
+    if not attacks:
+        return
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4 * len(attacks), 3.2), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        for c in (c for c in traced if c["attack"] == attack):
+            xs = [p["epoch"] for p in c["trajectory"]]
+            ax.plot(xs, [100 * p["attack_success_rate"] for p in c["trajectory"]], label=f"{c['method']} s{c['seed']}")
+        ax.axhline(10, color="grey", lw=0.8, ls="--")
+        ax.set(title=attack, xlabel="epoch", ylabel="ASR (%)", ylim=(0, 100))
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args) -> dict:
+    output_dir = Path(args.output_dir)
+    cells = collect(output_dir)
+    summary = summarise(cells)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    (output_dir / "results.md").write_text(markdown(summary) if summary else "No cells yet.\n")
+    plot(cells, output_dir / "trajectories.png")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = make_parser().parse_args(argv)
+    if not args.report_only:
+        dataset = load_image_dataset(args.dataset_name)
+        for attack in args.attacks:
+            for method in args.methods:
+                for seed in args.seeds:
+                    print(f"[transfer] {attack} / {method} / seed {seed}", flush=True)
+                    run_cell(args, attack, method, seed, dataset)
+                    report(args)
+    return report(args)
+
+
+if __name__ == "__main__":
+    main()
