@@ -192,3 +192,24 @@ def test_authors_sig_and_adaptive_triggers_follow_their_code():
     pattern = {"trigger": torch.zeros(1, 3, 32, 32), "mask": pattern_mask}  # sigmoid(0) = 0.5 -> 128 (127.5)
     stamped = np.array(authors.pattern_stamper(pattern)(Image.new("RGB", (32, 32), (9, 9, 9))))
     assert (stamped[:3, :3] == 128).all() and (stamped[3:] == 9).all() and (stamped[:, 3:] == 9).all()
+
+
+def test_compare_cells_pairs_the_cells_both_runs_have(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_cells", ROOT / "benchmarks" / "compare_cells.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    for run, accuracy in (("a", 0.7461), ("b", 0.747)):
+        for attack in ("badnets", "blended" if run == "a" else "sig"):
+            cell = {
+                "attack": attack,
+                "defense": "ft",
+                "after": {"clean_accuracy": accuracy, "attack_success_rate": 0.308},
+            }
+            path = tmp_path / run / "cells" / attack / "ft" / "seed0.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps({**cell, "der": 0.82468}))
+    text = compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "old", "new"])
+    assert text.splitlines()[2] == "| badnets | ft | 0 | 74.61 / 30.80 — 82.47 | 74.70 / 30.80 — 82.47 |"
+    assert len(text.splitlines()) == 3  # blended and sig are in one run only
