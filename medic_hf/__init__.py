@@ -2,6 +2,7 @@
 
 from .cloner import MedicCloner
 from .config import MedicConfig
+from .training import ClassifierConfig, ClassifierTrainer
 
 __version__ = "0.1.0"
-__all__ = ["MedicCloner", "MedicConfig", "__version__"]
+__all__ = ["ClassifierConfig", "ClassifierTrainer", "MedicCloner", "MedicConfig", "__version__"]
