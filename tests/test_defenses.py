@@ -99,6 +99,18 @@ def test_defense_matrix(defense, model_name, tmp_path):
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("defense", ["ft", "nad", "scratch"])
+def test_a_frozen_model_is_trained_whole_and_stays_frozen(defense, tmp_path):
+    """A model handed over frozen (as a cloner's teacher is) is still repaired; the input keeps its flags."""
+    data = pixel_dataset(8)
+    model = calibrate(ALL_TINY_MODELS["timm_resnet"](), data).requires_grad_(False)
+    before = snapshot(model)
+    repaired = DEFENSES[defense][0](model, data, tiny_config(defense, tmp_path))
+    changed = [k for k, v in repaired.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any(k.startswith("conv1") or k.startswith("layer1") for k in changed), changed
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_image_columns_get_the_models_preprocessing(tmp_path):
     """A timm model on CIFAR images (an `img` Image column): resized, augmented and normalised like the model's."""
     clean = load_image_dataset(str(FIXTURE / "train.parquet"), cache_dir=str(tmp_path))["train"].select(range(16))

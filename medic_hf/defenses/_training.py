@@ -213,6 +213,7 @@ def train_classifier(
     """Train ``model`` in place on the clean set with ``trainer_class`` (cross-entropy by default) for
     ``config.num_train_epochs`` (0: no training); returns the logged losses. ``after_step`` runs after every
     optimizer step."""
+    model.requires_grad_(True)  # a model handed over frozen (e.g. a cloner's teacher) is trained whole
     with run_folder(config) as config:
         trainer = trainer_class(model, config, train_dataset=clean_data, **trainer_kwargs)
         if after_step is not None:

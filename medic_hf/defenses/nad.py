@@ -209,7 +209,7 @@ def nad(model: nn.Module, clean_data, config: NADConfig | None = None) -> nn.Mod
     config = NADConfig() if config is None else config
     require_conv2d(model, "NAD distils attention maps of convolutional feature maps", "fine_tune or medic")
     seed_everything(config.seed)
-    student = copy_model(model)
+    student = copy_model(model).requires_grad_(True)
     requested = list(config.layers) if config.layers is not None else default_layers(student)
     for name in requested:
         student.get_submodule(name)  # raises AttributeError naming a mistyped layer
