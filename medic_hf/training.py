@@ -155,6 +155,16 @@ def distillation_loss(
     return (1 - alpha) * ce + alpha * t * t * kl
 
 
+def preprocessing_overrides(args) -> dict:
+    """resolve_preprocessing's input_size / mean / std from a config's image_size / image_mean / image_std."""
+    size = getattr(args, "image_size", None)
+    return dict(
+        input_size=size[0] if size and len(size) == 1 else size,
+        mean=getattr(args, "image_mean", None),
+        std=getattr(args, "image_std", None),
+    )
+
+
 def accuracy_metrics(eval_pred) -> dict[str, float]:
     """Top-1 accuracy; on a backdoor set (triggered images labelled with the target) this is the ASR."""
     logits, labels = eval_pred.predictions, eval_pred.label_ids
@@ -303,13 +313,7 @@ class ClassifierTrainer(Trainer):
 
     def _preprocessing_options(self) -> dict:
         """resolve_preprocessing's keywords from the trainer's image processor and config."""
-        size = getattr(self.args, "image_size", None)
-        return dict(
-            image_processor=self.image_processor,
-            input_size=size[0] if size and len(size) == 1 else size,
-            mean=getattr(self.args, "image_mean", None),
-            std=getattr(self.args, "image_std", None),
-        )
+        return dict(image_processor=self.image_processor, **preprocessing_overrides(self.args))
 
     def _log_preprocessing(self, preprocessing: dict, dataset: datasets.Dataset, image_column: str) -> None:
         """One line saying what is applied; a warning when it resizes the images (e.g. 32 px data for a 224 px

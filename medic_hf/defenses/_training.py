@@ -27,7 +27,7 @@ from transformers import TrainerCallback, set_seed
 
 from ..data import collate_batch, prepare_for_model
 from ..modeling import _copy_without_hooks, _select_logits, dropout_disabled, forward_logits, model_family, num_classes
-from ..training import ClassifierConfig, ClassifierTrainer
+from ..training import ClassifierConfig, ClassifierTrainer, preprocessing_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -115,16 +115,13 @@ def functional_logits(model: nn.Module, params: dict[str, torch.Tensor], pixel_v
 
 def prepare_clean_data(model: nn.Module, clean_data, config: DefenseConfig, *, train: bool):
     """``clean_data`` as ``{"pixel_values", "labels"}`` items: the model's preprocessing, crop + flip if ``train``."""
-    size = config.image_size
     return prepare_for_model(
         clean_data,
         model,
         train=train,
         augment=config.augment,
         num_classes=num_classes(model),
-        input_size=size[0] if size and len(size) == 1 else size,
-        mean=config.image_mean,
-        std=config.image_std,
+        **preprocessing_overrides(config),
     )
 
 
