@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 START=$(date +%s)
 OUT=${OUT:-runs/gpu/out}
 mkdir -p "$OUT" /tmp/site
-tar xJf runs/gpu_carry/site.tar.xz -C /tmp/site || exit 3
+tar xJf "runs/gpu_carry/${SITE:-site.tar.xz}" -C /tmp/site || exit 3
 export PYTHONPATH=/tmp/site:$PWD
 
 check() {
