@@ -213,7 +213,7 @@ def accuracy(model: nn.Module, ds: datasets.Dataset, batch_size: int = 500, prep
 
 
 def study_config(attack: str, setting: str, seed: int, output_dir: Path, epochs: int, eval_every: int, steps: int):
-    """MedicConfig at the library's defaults plus the study setting's flags, as the command line would build it."""
+    """MedicConfig at the study's base flags plus the setting's flags, as the command line would build it."""
     from medic_hf import MedicConfig
     from medic_hf.cli import ArgumentParser
 
@@ -222,6 +222,7 @@ def study_config(attack: str, setting: str, seed: int, output_dir: Path, epochs:
         "--output_dir", str(output_dir), "--seed", str(seed), "--num_train_epochs", str(epochs),
         "--eval_strategy", "steps", "--eval_steps", str(steps * eval_every),
         "--logging_steps", str(steps), "--save_total_limit", "1", "--disable_tqdm", "true",
+        *settings["base"],  # the defaults before the study, under every setting
         *settings[setting],
     ]  # fmt: skip
     (config,) = ArgumentParser(MedicConfig).parse_args_into_dataclasses(flags)

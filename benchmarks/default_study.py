@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> MEDIC flags on top of the library's defaults (where each idea comes from: docs/robust_default.md)
 SETTINGS = yaml.safe_load((Path(__file__).with_name("default_study_settings.yaml")).read_text())
+BASE_FLAGS = SETTINGS.pop("base")  # the defaults before the study, under every setting
 
 
 def run_name(model: str, setting: str, seed: int, epochs: int, clean_fraction: float) -> str:
@@ -58,6 +59,7 @@ def command(model: str, setting: str, seed: int, args, out: Path) -> list[str]:
         "--save_total_limit", "1",
         "--disable_tqdm", "true",
         "--allow_accuracy_drop", "true",
+        *BASE_FLAGS,
         *SETTINGS[setting],
     ]  # fmt: skip
 

@@ -74,7 +74,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--downstream_classes", type=int, nargs="+", default=[5, 6, 7, 8, 9])
     parser.add_argument("--upstream_epochs", type=int, default=20, help="Epochs of the base (the preset's 20).")
     parser.add_argument("--downstream_epochs", type=int, default=10, help="Epochs of each downstream fine-tune.")
-    parser.add_argument("--downstream_lr", type=float, default=0.01, help="SGD learning rate of the fine-tunes.")
+    parser.add_argument("--downstream_lr", type=float, default=0.05, help="SGD learning rate of the fine-tunes.")
     parser.add_argument(
         "--attacks", nargs="+", default=["badnets", "blended", "sig", "label_consistent"], choices=sorted(ATTACK_FLAGS)
     )

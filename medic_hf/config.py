@@ -94,10 +94,11 @@ class MedicConfig(ClassifierConfig):
         },
     )
     final_temperature: float | None = field(
-        default=None,
+        default=10.0,
         metadata={
             "help": "τ at the last training step, reached linearly from `temperature` (both criteria): a sharper "
-            "selection late in training, when the student nears the teacher. None keeps τ constant."
+            "selection late in training, when the student nears the teacher. None, or the value of `temperature`, "
+            "keeps τ constant (the paper). The default 10 was chosen on the grid of docs/robust_default.md."
         },
     )
     clone_loss_schedule: str = field(
@@ -142,11 +143,11 @@ class MedicConfig(ClassifierConfig):
         },
     )
     ema_decay: float = field(
-        default=0.0,
+        default=0.998,
         metadata={
-            "help": "Keep an exponential moving average of the student's weights with this decay (e.g. 0.998; "
-            "Polyak averaging, as timm's ModelEmaV3) and evaluate and save the average instead of the last "
-            "weights. 0: off (the paper)."
+            "help": "Keep an exponential moving average of the student's weights with this decay (Polyak "
+            "averaging, as timm's ModelEmaV3, with its warmup) and evaluate and save the average instead of the "
+            "last weights. 0: off (the paper). The default was chosen with final_temperature (docs/robust_default.md)."
         },
     )
     hook_layers: list[str] = field(

@@ -169,3 +169,23 @@ def test_logit_distillation_by_hand(tmp_path):
     expected = 0.75 * math.log(2.0) + 0.25 * 4.0 * kl
     assert cloner._label_loss(student, label).item() == pytest.approx(expected, rel=1e-5)
     cloner.remove_hooks()
+
+
+def test_defaults_are_the_robust_default_study_choice_and_plain_cloning_keeps_tau_zero(tmp_path):
+    """Issue 16 chose τ sharpened 5 → 10 with a weight average (docs/robust_default.md); plain cloning, the
+    reference that copies the backdoor, must not inherit the schedule."""
+    from medic_hf.defenses import PlainCloneConfig, plain_clone
+
+    config = MedicConfig(output_dir=str(tmp_path))
+    assert (config.temperature, config.final_temperature, config.ema_decay) == (5.0, 10.0, 0.998)
+    data = pixel_dataset(8)
+    teacher = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
+    plain = PlainCloneConfig(output_dir=str(tmp_path), max_steps=4)
+    cloner = MedicCloner(teacher, plain, train_dataset=data)
+    cloner.state.max_steps = 4
+    for step in (0, 2, 4):
+        cloner.state.global_step = step
+        assert cloner.current_temperature() == 0.0
+    cloner.remove_hooks()
+    with pytest.raises(ValueError, match="final_temperature=10.0"):
+        plain_clone(teacher, data, PlainCloneConfig(output_dir=str(tmp_path), final_temperature=10.0))

@@ -24,11 +24,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PlainCloneConfig(MedicConfig):
-    """:class:`MedicConfig` with ``temperature=0`` (uniform importance weights: plain cloning). Every other default is
-    MEDIC's (paper Appendix D; docs/method.md)."""
+    """:class:`MedicConfig` with ``temperature=0`` and no τ schedule (uniform importance weights throughout: plain
+    cloning). Every other default is MEDIC's (paper Appendix D; docs/method.md)."""
 
     temperature: float = field(
         default=0.0, metadata={"help": "0: uniform weights, i.e. plain cloning. plain_clone refuses any other value."}
+    )
+    final_temperature: float | None = field(
+        default=None, metadata={"help": "None: τ stays 0. plain_clone refuses any other value but 0."}
     )
 
 
@@ -74,10 +77,11 @@ def plain_clone(model: nn.Module, clean_data, config: MedicConfig | None = None)
 
     ``config`` must have ``temperature == 0`` and no other impact temperature (:class:`PlainCloneConfig` does).
     """
-    if config is not None and (config.temperature != 0 or config.effective_impact_temperature != 0):
+    final = 0 if config is None or config.final_temperature is None else config.final_temperature
+    if config is not None and (config.temperature != 0 or config.effective_impact_temperature != 0 or final != 0):
         raise ValueError(
             f"plain_clone is MEDIC with temperature 0, got temperature={config.temperature}, "
-            f"impact_temperature={config.impact_temperature}. Use PlainCloneConfig(...), or medic(...) for "
-            "importance-weighted cloning."
+            f"impact_temperature={config.impact_temperature}, final_temperature={config.final_temperature}. "
+            "Use PlainCloneConfig(...), or medic(...) for importance-weighted cloning."
         )
     return _with_default_output(model, clean_data, config, PlainCloneConfig, "clone")
