@@ -77,8 +77,9 @@ def plain_clone(model: nn.Module, clean_data, config: MedicConfig | None = None)
 
     ``config`` must have ``temperature == 0`` and no other impact temperature (:class:`PlainCloneConfig` does).
     """
-    final = 0 if config is None or config.final_temperature is None else config.final_temperature
-    if config is not None and (config.temperature != 0 or config.effective_impact_temperature != 0 or final != 0):
+    if config is not None and (
+        config.temperature != 0 or config.effective_impact_temperature != 0 or (config.final_temperature or 0) != 0
+    ):
         raise ValueError(
             f"plain_clone is MEDIC with temperature 0, got temperature={config.temperature}, "
             f"impact_temperature={config.impact_temperature}, final_temperature={config.final_temperature}. "
