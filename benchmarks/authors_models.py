@@ -27,6 +27,8 @@ reflection images), composite (a ResNet of another code base).
         --nad_mirror /work/.mirror/bboylyg+NAD/repo                      # the models' accuracy and ASR
     python benchmarks/authors_models.py --mirror ... --nad_mirror ... --attacks badnet sig \
         --settings defaults cosine_lambda --seeds 0 1                      # MEDIC settings of the default study
+    python benchmarks/authors_models.py --mirror ... --nad_mirror ... --baselines ft nad kd --seeds 0 1
+                                                                           # baselines, cells where der.md reads them
 
 The models were trained on lossless CIFAR-10; the shared copy is JPEG (quality 75), so clean accuracy is lower than
 the authors' `best_clean_acc`. Writes benchmarks/results/authors_models/results.{json,md}; each MEDIC run's
@@ -55,6 +57,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "benchmarks" / "results" / "authors_models"
 STUDY = ROOT / "benchmarks" / "results" / "default_study" / "runs"
+BASELINES = ROOT / "benchmarks" / "results" / "default_study" / "baselines"
 MODELS = {
     "badnet": "backdoor_models/badnet/WRN-16-1-S-model_best.pth.tar",
     "cleanlabel": "backdoor_models/cleanlabel/WRN-16-1-S-model_best.pth.tar",
@@ -273,6 +276,59 @@ def run_medic(model, data, backdoor, attack: str, setting: str, seed: int, args)
     return result
 
 
+# The CPU benchmark's budgets (recipes/benchmark_cpu.yaml), as on the other models of the grid.
+BASELINE_KWARGS = {"ft": {"num_train_epochs": 30}, "fp": {"num_train_epochs": 30}, "anp": {"max_steps": 200}}
+
+
+def run_baseline(model, data, backdoor, attack: str, defense: str, seed: int) -> dict | None:
+    """One baseline defense (`medic_hf.defenses`) on an authors' model, written as a cell of
+    `medic_hf.scripts.benchmark` where default_study.py's DER table reads it; None when it was done already."""
+    from medic_hf.data import class_balanced_subset
+    from medic_hf.defenses import DEFENSES
+    from medic_hf.metrics import defense_effectiveness_rating
+    from medic_hf.scripts.benchmark import defense_config
+
+    cell_file = BASELINES / "cells" / f"authors-{attack}" / defense / f"seed{seed}.json"
+    if cell_file.is_file():
+        return None
+    preprocess = preprocessing(attack)
+    before = {
+        "clean_accuracy": accuracy(model, data["test"], preprocess=preprocess),
+        "attack_success_rate": accuracy(model, backdoor, preprocess=preprocess),
+    }
+    clean = class_balanced_subset(data["train"], fraction=0.05, seed=seed)
+    kwargs = {defense: {**BASELINE_KWARGS.get(defense, {}), **preprocess}}
+    output_dir = ROOT / "runs" / "authors_models" / attack / defense / f"seed{seed}"
+    config = defense_config(defense, seed, output_dir, kwargs)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    repaired = DEFENSES[defense][0](model, clean, config).eval()
+    seconds = time.perf_counter() - start
+    after = {
+        "clean_accuracy": accuracy(repaired, data["test"], preprocess=preprocess),
+        "attack_success_rate": accuracy(repaired, backdoor, preprocess=preprocess),
+    }
+    der = defense_effectiveness_rating(
+        before["attack_success_rate"], after["attack_success_rate"], before["clean_accuracy"], after["clean_accuracy"]
+    )
+    cell = {
+        "attack": f"authors-{attack}",
+        "defense": defense,
+        "seed": seed,
+        "clean_samples": len(clean),
+        "before": before,
+        "after": after,
+        "der": der,
+        "seconds": round(seconds, 1),
+        "config": {k: str(v) for k, v in kwargs[defense].items()},
+    }
+    cell_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cell_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cell, indent=2) + "\n")
+    tmp.replace(cell_file)
+    return cell
+
+
 def markdown(report: dict) -> str:
     lines = [
         "| model | target | authors' clean acc. (lossless) | authors' ASR | clean acc. (JPEG copy) | ASR | epoch |",
@@ -297,6 +353,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset_name", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--attacks", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--settings", nargs="*", default=[], help="MEDIC settings of default_study_settings.yaml")
+    parser.add_argument(
+        "--baselines", nargs="*", default=[], help="baseline defenses of medic_hf.defenses, e.g. ft nad kd"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--epochs", type=int, default=30, help="the budget; 60 is the no-rebound check")
     parser.add_argument("--eval_every", type=int, default=5, help="epochs between evaluations")
@@ -332,6 +391,18 @@ def main(argv: list[str] | None = None) -> dict:
                     print(
                         f"{attack}/{setting}/seed{seed}: ACC {100 * after['clean_accuracy']:.2f}%, "
                         f"ASR {100 * after['attack_success_rate']:.2f}% ({result['seconds']} s)",
+                        flush=True,
+                    )
+        for defense in args.baselines:
+            for seed in args.seeds:
+                model, _ = load_authors_model(Path(args.mirror), MODELS[attack])
+                cell = run_baseline(model, data, backdoor, attack, defense, seed)
+                if cell:
+                    after = cell["after"]
+                    print(
+                        f"{attack}/{defense}/seed{seed}: ACC {100 * after['clean_accuracy']:.2f}%, "
+                        f"ASR {100 * after['attack_success_rate']:.2f}%, DER {100 * cell['der']:.2f} "
+                        f"({cell['seconds']} s)",
                         flush=True,
                     )
     print(markdown(report))
