@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> MEDIC flags on top of the library's defaults (where each idea comes from: docs/robust_default.md)
 SETTINGS = yaml.safe_load((Path(__file__).with_name("default_study_settings.yaml")).read_text())
 BASE_FLAGS = SETTINGS.pop("base")  # the defaults before the study, under every setting
+PRESET_BENCHMARK = ROOT / "benchmarks" / "results" / "benchmark_cpu"  # recipes/benchmark_cpu.yaml's cells
 
 
 def run_name(model: str, setting: str, seed: int, epochs: int, clean_fraction: float) -> str:
@@ -172,7 +173,9 @@ def report(args) -> str:
     (results_dir / "study.md").write_text(table + "\n")
     (results_dir / "grid.md").write_text(grid_table(found, models, args.grid_settings) + "\n")
     if (results_dir / "baselines" / "cells").is_dir():
-        (results_dir / "der.md").write_text(der_table(found, results_dir / "baselines", args.grid_settings) + "\n")
+        # The baselines ran at the default budget and data: only the settings at that budget compare with them.
+        at_default_budget = [s for s in args.grid_settings if s in SETTINGS]
+        (results_dir / "der.md").write_text(der_table(found, results_dir / "baselines", at_default_budget) + "\n")
     (results_dir / "study.json").write_text(json.dumps(summary, indent=2))
     print(table)
     for model in models:
@@ -224,6 +227,12 @@ def der_table(found: dict, baselines_dir: Path, settings: list[str]) -> str:
     for path in sorted(baselines_dir.glob("cells/*/*/seed*.json")):
         cell = json.loads(path.read_text())
         cells.setdefault((cell["attack"], cell["seed"]), {})[cell["defense"]] = rating(cell)
+    # The CPU benchmark ran the same defenses on the preset's models, same clean data and seeds: it fills the gaps.
+    defenses = {d for c in cells.values() for d in c}
+    for path in sorted(PRESET_BENCHMARK.glob("cells/*/*/seed*.json")):
+        cell = json.loads(path.read_text())
+        if cell["defense"] in defenses and (cell["attack"], cell["seed"]) in cells:
+            cells[(cell["attack"], cell["seed"])].setdefault(cell["defense"], rating(cell))
     for (model, setting), runs in found.items():
         if setting in settings:
             for seed, result in runs.items():
