@@ -276,13 +276,15 @@ def run_medic(model, data, backdoor, attack: str, setting: str, seed: int, args)
     return result
 
 
-# The CPU benchmark's budgets (recipes/benchmark_cpu.yaml), as on the other models of the grid.
-BASELINE_KWARGS = {"ft": {"num_train_epochs": 30}, "fp": {"num_train_epochs": 30}, "anp": {"max_steps": 200}}
+def cpu_benchmark_budgets() -> dict:
+    """The baselines' budgets of the CPU benchmark (recipes/benchmark_cpu.yaml), as on the other models of the grid."""
+    return json.loads(yaml.safe_load((ROOT / "recipes" / "benchmark_cpu.yaml").read_text())["defense_kwargs"])
 
 
-def run_baseline(model, data, backdoor, attack: str, defense: str, seed: int) -> dict | None:
-    """One baseline defense (`medic_hf.defenses`) on an authors' model, written as a cell of
-    `medic_hf.scripts.benchmark` where default_study.py's DER table reads it; None when it was done already."""
+def run_baseline(model, data, backdoor, attack: str, defense: str, seed: int, before: dict) -> dict | None:
+    """One baseline defense (`medic_hf.defenses`) on an authors' model, whose clean accuracy and ASR are `before`,
+    written as a cell of `medic_hf.scripts.benchmark` where default_study.py's DER table reads it; None when it was
+    done already."""
     from medic_hf.data import class_balanced_subset
     from medic_hf.defenses import DEFENSES
     from medic_hf.metrics import defense_effectiveness_rating
@@ -292,12 +294,8 @@ def run_baseline(model, data, backdoor, attack: str, defense: str, seed: int) ->
     if cell_file.is_file():
         return None
     preprocess = preprocessing(attack)
-    before = {
-        "clean_accuracy": accuracy(model, data["test"], preprocess=preprocess),
-        "attack_success_rate": accuracy(model, backdoor, preprocess=preprocess),
-    }
     clean = class_balanced_subset(data["train"], fraction=0.05, seed=seed)
-    kwargs = {defense: {**BASELINE_KWARGS.get(defense, {}), **preprocess}}
+    kwargs = {defense: {**cpu_benchmark_budgets().get(defense, {}), **preprocess}}
     output_dir = ROOT / "runs" / "authors_models" / attack / defense / f"seed{seed}"
     config = defense_config(defense, seed, output_dir, kwargs)
     torch.manual_seed(seed)
@@ -316,7 +314,7 @@ def run_baseline(model, data, backdoor, attack: str, defense: str, seed: int) ->
         "defense": defense,
         "seed": seed,
         "clean_samples": len(clean),
-        "before": before,
+        "before": {k: before[k] for k in ("clean_accuracy", "attack_success_rate")},
         "after": after,
         "der": der,
         "seconds": round(seconds, 1),
@@ -396,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
         for defense in args.baselines:
             for seed in args.seeds:
                 model, _ = load_authors_model(Path(args.mirror), MODELS[attack])
-                cell = run_baseline(model, data, backdoor, attack, defense, seed)
+                cell = run_baseline(model, data, backdoor, attack, defense, seed, report["models"][attack])
                 if cell:
                     after = cell["after"]
                     print(
