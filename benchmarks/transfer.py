@@ -64,6 +64,16 @@ ATTACK_FLAGS = {
     ],
     "wanet": ["--attack", "wanet"],
 }
+# The benchmark's attacks, made to reach the attack table's targets (docs/attacks.md) in this downstream setting:
+# - `badnets-long`: at the downstream recipe's 10 epochs the 3x3 patch never took (5.3% ASR), so its attacker
+#   trains twice as long (`ATTACK_EPOCH_FACTOR`);
+# - `sig-half`: SIG stamps half of the target class, as the attack table's `sig-pr0.05` row does with ten classes
+#   (5% of five classes' images is a quarter of the target class: 65% ASR, under the table's 80%).
+# `badnets` and `sig` remain selectable: the first run's columns (docs/transfer.md).
+ATTACK_FLAGS["badnets-long"] = ATTACK_FLAGS["badnets"]
+ATTACK_FLAGS["sig-half"] = ["--attack", "sig", "--poison_rate", "0.1"]
+ATTACK_EPOCH_FACTOR = {"badnets-long": 2}
+DEFAULT_ATTACKS = ["badnets-long", "blended", "sig-half", "label_consistent"]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -76,7 +86,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--downstream_epochs", type=int, default=10, help="Epochs of each downstream fine-tune.")
     parser.add_argument("--downstream_lr", type=float, default=0.05, help="SGD learning rate of the fine-tunes.")
     parser.add_argument(
-        "--attacks", nargs="+", default=["badnets", "blended", "sig", "label_consistent"], choices=sorted(ATTACK_FLAGS)
+        "--attacks", nargs="+", default=DEFAULT_ATTACKS, choices=sorted(ATTACK_FLAGS), help="And the report's columns."
     )
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -138,7 +148,7 @@ def downstream(args, attack: str) -> Path:
         "--new_classifier",
         "true",
         "--num_train_epochs",
-        str(args.downstream_epochs),
+        str(args.downstream_epochs * ATTACK_EPOCH_FACTOR.get(attack, 1)),
         "--learning_rate",
         str(args.downstream_lr),
     ]
@@ -256,8 +266,8 @@ def run_cell(args, attack: str, method: str, seed: int, dataset) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def collect(output_dir: Path) -> list[dict]:
-    return [json.loads(f.read_text()) for f in sorted(output_dir.glob("cells/*/*/seed*.json"))]
+def collect(output_dir: Path, attacks: list[str]) -> list[dict]:
+    return [json.loads(f.read_text()) for a in attacks for f in sorted(output_dir.glob(f"cells/{a}/*/seed*.json"))]
 
 
 def summarise(cells: list[dict]) -> dict:
@@ -338,7 +348,7 @@ def plot(cells: list[dict], path: Path) -> None:
 
 def report(args) -> dict:
     output_dir = Path(args.output_dir)
-    cells = collect(output_dir)
+    cells = collect(output_dir, args.attacks)
     summary = summarise(cells)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(summary, indent=2))

@@ -38,7 +38,7 @@ from .modeling import (
     model_family,
     student_from_base,
 )
-from .neurons import NeuronRecorder, per_sample
+from .neurons import NeuronRecorder, freeze_modules, per_sample
 from .timing import StepTimer
 from .training import ClassifierTrainer, distillation_loss, random_state_kept
 
@@ -69,6 +69,7 @@ FINGERPRINT_SETTINGS = (
     "clone_logits",
     "target_modules",
     "exclude_modules",
+    "freeze_modules",
     "stats_granularity",
     "sigma_floor",
     "coupled_weight_decay",
@@ -164,6 +165,8 @@ class MedicCloner(ClassifierTrainer):
                 self.student_base = _teacher_identity(str(student), None)
                 student = student_from_base(student, teacher, seed=args.seed, trust_remote_code=trust_remote_code)
             student = make_student(teacher, seed=args.seed) if student is None else student
+            if args.freeze_modules is not None:
+                freeze_modules(student, args.freeze_modules)
             self._raw_train_dataset = train_dataset
 
             # ClassifierTrainer prepares the data with the teacher's preprocessing, the student's input.
@@ -655,6 +658,7 @@ class MedicCloner(ClassifierTrainer):
             "mix_inputs": a.mix_inputs if a.mix_inputs == "none" else f"{a.mix_inputs} (α = {a.mix_alpha:g})",
             "hook_layers": ",".join(a.hook_layers),
             "clone_logits": a.clone_logits,
+            "freeze_modules": a.freeze_modules,
             "cloned_modules": len(self.teacher_recorder.modules),
             "left_out_modules": len(self.left_out_modules),
             "stats_granularity": a.stats_granularity,

@@ -176,6 +176,15 @@ class MedicConfig(ClassifierConfig):
         default=None,
         metadata={"help": "Never clone modules whose name ends with one of these suffixes, or matches this regex."},
     )
+    freeze_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the student's modules whose name ends with one of these suffixes, or matches this regex, "
+            "at their starting values: their parameters are not trained (normalisation statistics still adapt). "
+            "Meant for a student started from a trusted base (`student=`), whose early stages then stay trusted. "
+            "None trains every parameter (the paper)."
+        },
+    )
     stats_granularity: str = field(
         default="channel",
         metadata={

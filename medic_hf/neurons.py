@@ -85,6 +85,25 @@ def find_clone_modules(
     return found
 
 
+def freeze_modules(model: nn.Module, patterns: list[str] | str) -> list[str]:
+    """Stops training the parameters of every module whose name matches `patterns` (suffixes or one regex, as
+    `target_modules`); returns the frozen parameters' names. A pattern that matches nothing is an error: a typo would
+    otherwise silently train the whole model."""
+    matched = [name for name, _ in model.named_modules() if name and _matches(name, patterns)]
+    if not matched:
+        examples = ", ".join(name for name, _ in list(model.named_modules())[1:6])
+        raise ValueError(
+            f"freeze_modules={patterns!r} matches no module of the student; give module-name suffixes or one regex "
+            f"matching whole names, e.g. {examples}."
+        )
+    frozen = []
+    for name, param in model.named_parameters():
+        if any(name == m or name.startswith(m + ".") for m in matched):
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def capture_point(module: nn.Module) -> nn.Module:
     """The module whose forward output is the neuron values of `module` (see find_clone_modules)."""
     drop, act = getattr(module, "drop", None), getattr(module, "act", None)

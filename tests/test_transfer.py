@@ -85,6 +85,30 @@ def test_a_base_of_another_architecture_is_refused_naming_the_parameter():
         student_from_base(vit, teacher)
 
 
+def test_frozen_modules_stay_at_the_base_and_the_rest_trains(tmp_path):
+    torch.manual_seed(0)
+    base = timm_resnet(num_classes=5)
+    teacher = fine_tuned(base, timm_resnet())
+    args = config(tmp_path, freeze_modules="conv1|bn1|layer1\\..*", learning_rate=0.1, ema_decay=0.0)
+    cloner = MedicCloner(teacher, args, train_dataset=pixel_dataset(16), student=student_from_base(base, teacher))
+    cloner.train()
+    after, before = cloner.model.state_dict(), base.state_dict()
+    trainable = {name for name, p in cloner.model.named_parameters() if p.requires_grad}
+    for name, _ in cloner.model.named_parameters():
+        frozen = name.startswith(("conv1.", "bn1.", "layer1."))
+        assert (name not in trainable) == frozen, name
+        if frozen:
+            assert torch.equal(after[name], before[name]), name
+    assert any(not torch.equal(after[n], before[n]) for n in trainable if n in before and "layer4" in n)
+
+
+def test_a_freeze_pattern_matching_nothing_is_refused_before_training(tmp_path):
+    base = timm_resnet(num_classes=5)
+    with pytest.raises(ValueError, match="freeze_modules='stem' matches no module"):
+        teacher = fine_tuned(base, timm_resnet())
+        MedicCloner(teacher, config(tmp_path, freeze_modules="stem"), student=student_from_base(base, teacher))
+
+
 def test_the_recipe_takes_student_name_or_path(tmp_path):
     torch.manual_seed(0)
     base, teacher = timm_resnet(num_classes=5), timm_resnet()
