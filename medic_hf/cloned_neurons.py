@@ -45,6 +45,7 @@ class ClonedNeurons:
         student: the model that clones them, of the teacher's architecture; None to study the teacher alone.
         hook_layers: the module kinds to clone: 'conv', 'norm', 'linear' (see `medic_hf.neurons.layer_kind`).
         target_modules, exclude_modules: name filters, a list of name suffixes or one regex (`find_clone_modules`).
+        skip_modules: names of modules never cloned (the student's frozen early modules, whose outputs cannot move).
         clone_logits: keep the module whose output is the logits (found by `probe()`); MEDIC leaves it out.
         require_grad: put the teacher's captured outputs in the autograd graph, for ∂ℓ/∂f (the impact criterion).
         teacher_forward, student_forward: how to run each model on a batch of pixel values, for the check forward
@@ -60,13 +61,16 @@ class ClonedNeurons:
         hook_layers: Iterable[str] = ("conv", "norm", "linear"),
         target_modules: list[str] | str | None = None,
         exclude_modules: list[str] | str | None = None,
+        skip_modules: Iterable[str] = (),
         clone_logits: bool = False,
         require_grad: bool = False,
         teacher_forward: Forward | None = None,
         student_forward: Forward | None = None,
     ):
         hook_layers = list(hook_layers)
-        select = dict(kinds=hook_layers, target_modules=target_modules, exclude_modules=exclude_modules)
+        select = dict(
+            kinds=hook_layers, target_modules=target_modules, exclude_modules=exclude_modules, skip=skip_modules
+        )
         teacher_modules = find_clone_modules(teacher, **select)
         if not teacher_modules:
             raise ValueError(

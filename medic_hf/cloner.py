@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from .averaging import WeightAverage
 from .cloned_neurons import ClonedNeurons
-from .config import MedicConfig
+from .config import BASE_FROZEN_FRACTION, MedicConfig
 from .hub import _hub_repo_id, build_model_card, public_name, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
 from .metrics import metric_name
@@ -38,7 +38,7 @@ from .modeling import (
     model_family,
     student_from_base,
 )
-from .neurons import NeuronRecorder, freeze_modules, per_sample
+from .neurons import NeuronRecorder, freeze_early_modules, freeze_modules, per_sample
 from .timing import StepTimer
 from .training import ClassifierTrainer, distillation_loss, random_state_kept
 
@@ -69,6 +69,7 @@ FINGERPRINT_SETTINGS = (
     "clone_logits",
     "target_modules",
     "exclude_modules",
+    "frozen_fraction",
     "freeze_modules",
     "stats_granularity",
     "sigma_floor",
@@ -165,8 +166,14 @@ class MedicCloner(ClassifierTrainer):
                 self.student_base = _teacher_identity(str(student), None)
                 student = student_from_base(student, teacher, seed=args.seed, trust_remote_code=trust_remote_code)
             student = make_student(teacher, seed=args.seed) if student is None else student
+            self.frozen_modules: list[str] = []  # the student's early modules kept at the base's values
             if args.freeze_modules is not None:
                 freeze_modules(student, args.freeze_modules)
+            else:
+                fraction = args.frozen_fraction
+                if fraction is None:
+                    fraction = BASE_FROZEN_FRACTION if self.student_base else 0.0
+                self.frozen_modules = freeze_early_modules(student, fraction, args.hook_layers)
             self._raw_train_dataset = train_dataset
 
             # ClassifierTrainer prepares the data with the teacher's preprocessing, the student's input.
@@ -213,6 +220,7 @@ class MedicCloner(ClassifierTrainer):
             hook_layers=args.hook_layers,
             target_modules=args.target_modules,
             exclude_modules=args.exclude_modules,
+            skip_modules=self.frozen_modules,
             clone_logits=args.clone_logits,
             require_grad=self.needs_teacher_grad,
             teacher_forward=partial(forward_logits, self.teacher),  # placed on the device, under autocast
@@ -658,6 +666,9 @@ class MedicCloner(ClassifierTrainer):
             "mix_inputs": a.mix_inputs if a.mix_inputs == "none" else f"{a.mix_inputs} (α = {a.mix_alpha:g})",
             "hook_layers": ",".join(a.hook_layers),
             "clone_logits": a.clone_logits,
+            "frozen modules": f"{len(self.frozen_modules)} (the first, kept at the start values)"
+            if self.frozen_modules
+            else 0,
             "freeze_modules": a.freeze_modules,
             "cloned_modules": len(self.teacher_recorder.modules),
             "left_out_modules": len(self.left_out_modules),

@@ -12,6 +12,8 @@ STATS_GRANULARITIES = ("channel", "neuron")
 IMPACT_SCALES = ("sigma", "rms")
 CLONE_LOSS_SCHEDULES = ("constant", "cosine")
 MIX_INPUTS = ("none", "mixup", "cutmix")
+# The frozen_fraction of a student started from a trusted base, chosen on the transfer benchmark (docs/transfer.md).
+BASE_FROZEN_FRACTION = 0.25
 
 
 @dataclass
@@ -176,6 +178,16 @@ class MedicConfig(ClassifierConfig):
         default=None,
         metadata={"help": "Never clone modules whose name ends with one of these suffixes, or matches this regex."},
     )
+    frozen_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of the student's conv / norm / linear modules, from the input, kept at their starting "
+            "values (with every parameter before them) and left out of the clone loss. None: "
+            "BASE_FROZEN_FRACTION when the student starts from a trusted base given by name or folder (`student=`, "
+            "--student_name_or_path), whose early features never saw the trigger; 0 otherwise (the paper). "
+            "See docs/transfer.md for how it was chosen."
+        },
+    )
     freeze_modules: list[str] | str | None = field(
         default=None,
         metadata={
@@ -276,6 +288,10 @@ class MedicConfig(ClassifierConfig):
             raise ValueError(f"logit_distillation={self.logit_distillation}: use a weight in [0, 1] (0: off).")
         if self.distillation_temperature <= 0:
             raise ValueError("distillation_temperature must be > 0.")
+        if self.frozen_fraction is not None and not 0 <= self.frozen_fraction < 1:
+            raise ValueError(f"frozen_fraction={self.frozen_fraction}: use a value in [0, 1), or None (automatic).")
+        if self.frozen_fraction and self.freeze_modules is not None:
+            raise ValueError("Give frozen_fraction or freeze_modules, not both: they both choose what stays frozen.")
         if self.student_input_noise < 0:
             raise ValueError("student_input_noise must be >= 0 (0: off).")
         if not 0 <= self.ema_decay < 1:

@@ -66,16 +66,17 @@ def find_clone_modules(
     kinds: Iterable[str] = ("conv", "norm", "linear"),
     target_modules: list[str] | str | None = None,
     exclude_modules: list[str] | str | None = None,
+    skip: Iterable[str] = (),
 ) -> dict[str, nn.Module]:
     """Qualified name -> module for every module whose output is cloned.
 
     A timm norm+act layer (BatchNormAct2d, ...) is reported under its own name but is captured at its `drop`
     child, i.e. after normalisation and before the activation: the paper clones normalisation outputs.
     """
-    kinds = set(kinds)
+    kinds, skip = set(kinds), set(skip)
     found = {}
     for name, module in model.named_modules():
-        if not name or layer_kind(module) not in kinds:
+        if not name or name in skip or layer_kind(module) not in kinds:
             continue
         if target_modules is not None and not _matches(name, target_modules):
             continue
@@ -102,6 +103,27 @@ def freeze_modules(model: nn.Module, patterns: list[str] | str) -> list[str]:
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+def freeze_early_modules(
+    model: nn.Module, fraction: float, kinds: Iterable[str] = ("conv", "norm", "linear")
+) -> list[str]:
+    """Stops training the first `fraction` of the model's conv / norm / linear modules, in the order the model
+    registers them (its depth from the input, for timm, transformers and torchvision classifiers), together with every
+    parameter registered before them (a ViT's class token and position embeddings); returns the frozen modules'
+    names. Their outputs can no longer change, so they are not worth cloning."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"frozen_fraction={fraction}: use a value in [0, 1) (0 trains every parameter).")
+    modules = list(find_clone_modules(model, kinds))
+    count = int(fraction * len(modules))
+    if count == 0:
+        return []
+    first_trained = modules[count]
+    for name, param in model.named_parameters():
+        if name.startswith(first_trained + "."):
+            break
+        param.requires_grad_(False)
+    return modules[:count]
 
 
 def capture_point(module: nn.Module) -> nn.Module:

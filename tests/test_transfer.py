@@ -9,7 +9,9 @@ import torch
 from transformers import ViTForImageClassification
 
 from medic_hf import MedicCloner, MedicConfig
+from medic_hf.config import BASE_FROZEN_FRACTION
 from medic_hf.modeling import save_native, student_from_base
+from medic_hf.neurons import freeze_early_modules
 from medic_hf.scripts import clone
 from tests.conftest import calibrate, pixel_dataset
 from tests.tiny_models import hf_vit, timm_convnext, timm_resnet
@@ -100,6 +102,44 @@ def test_frozen_modules_stay_at_the_base_and_the_rest_trains(tmp_path):
         if frozen:
             assert torch.equal(after[name], before[name]), name
     assert any(not torch.equal(after[n], before[n]) for n in trainable if n in before and "layer4" in n)
+
+
+def test_freeze_early_modules_stops_at_the_hand_counted_module():
+    resnet = timm_resnet()  # 31 conv / norm / linear modules: int(0.25 * 31) = 7 frozen, through layer1.0.conv1
+    frozen = freeze_early_modules(resnet, 0.25)
+    assert frozen == ["conv1.0", "conv1.1", "conv1.3", "conv1.4", "conv1.6", "bn1", "layer1.0.conv1"]
+    trained = [name for name, p in resnet.named_parameters() if p.requires_grad]
+    assert trained[0] == "layer1.0.bn1.weight" and "conv1.0.weight" not in trained and "fc.weight" in trained
+    vit = hf_vit()  # 11 modules: the patch projection and the first query projection, and the tokens before them
+    assert freeze_early_modules(vit, 0.25) == [
+        "vit.embeddings.patch_embeddings.projection",
+        "vit.layers.0.attention.q_proj",
+    ]
+    frozen_params = [name for name, p in vit.named_parameters() if not p.requires_grad]
+    assert frozen_params[:2] == ["vit.embeddings.cls_token", "vit.embeddings.position_embeddings"]
+    assert frozen_params[-1] == "vit.layers.0.attention.q_proj.bias" and len(frozen_params) == 6
+    assert freeze_early_modules(timm_resnet(), 0.0) == []
+    with pytest.raises(ValueError, match=r"frozen_fraction=1.0: use a value in \[0, 1\)"):
+        freeze_early_modules(timm_resnet(), 1.0)
+
+
+def test_a_base_started_student_freezes_its_early_modules_by_default(tmp_path):
+    torch.manual_seed(0)
+    base, teacher = timm_resnet(num_classes=5), timm_resnet()
+    save_native(base, tmp_path / "base")
+    teacher = fine_tuned(base, teacher)
+    cloner = MedicCloner(teacher, config(tmp_path), train_dataset=pixel_dataset(16), student=str(tmp_path / "base"))
+    expected = int(BASE_FROZEN_FRACTION * 31)
+    assert len(cloner.frozen_modules) == expected and not set(cloner.frozen_modules) & set(cloner.cloned_modules)
+    assert cloner.cloned_modules[0] == "layer1.0.bn1"
+    fresh = MedicCloner(teacher, config(tmp_path), train_dataset=pixel_dataset(16))  # the paper: nothing frozen
+    assert fresh.frozen_modules == [] and all(p.requires_grad for p in fresh.model.parameters())
+    kept = MedicCloner(
+        teacher, config(tmp_path, frozen_fraction=0.0), train_dataset=pixel_dataset(16), student=str(tmp_path / "base")
+    )
+    assert kept.frozen_modules == [] and all(p.requires_grad for p in kept.model.parameters())
+    with pytest.raises(ValueError, match="Give frozen_fraction or freeze_modules, not both"):
+        config(tmp_path, frozen_fraction=0.5, freeze_modules=["layer1"])
 
 
 def test_a_freeze_pattern_matching_nothing_is_refused_before_training(tmp_path):
