@@ -21,6 +21,7 @@ Every model and cell is written when it finishes and skipped when found, so the 
     OMP_NUM_THREADS=1 python benchmarks/transfer.py --methods medic_base --medic_kwargs '{"learning_rate": 1e-3}' \\
         --tag lr1e-3                      # another MEDIC-from-base setting, in its own cells
     python benchmarks/transfer.py --report_only     # results.{json,md} and trajectories.png from the cells
+    python benchmarks/transfer.py --report_only --attacks sig label_consistent --report_name probes
 
 Results: `benchmarks/results/transfer/` (cells, results.md, results.json, trajectories.png); models: `runs/transfer/`.
 """
@@ -101,6 +102,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models_dir", default=str(ROOT / "runs" / "transfer"))
     parser.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results" / "transfer"))
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument(
+        "--report_name", default="results", help="Stem of the report's files (another set of --attacks' columns)."
+    )
     return parser
 
 
@@ -351,9 +355,10 @@ def report(args) -> dict:
     cells = collect(output_dir, args.attacks)
     summary = summarise(cells)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    (output_dir / "results.md").write_text(markdown(summary) if summary else "No cells yet.\n")
-    plot(cells, output_dir / "trajectories.png")
+    name = args.report_name
+    (output_dir / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    (output_dir / f"{name}.md").write_text(markdown(summary) if summary else "No cells yet.\n")
+    plot(cells, output_dir / ("trajectories.png" if name == "results" else f"{name}-trajectories.png"))
     return summary
 
 
