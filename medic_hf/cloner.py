@@ -634,6 +634,7 @@ class MedicCloner(ClassifierTrainer):
             warnings=self.warnings,
             student_base=self.student_base[0] if self.student_base else None,
             student_base_id=self.student_base[1] if self.student_base else None,
+            frozen_modules=self.frozen_modules,
         )
         card.save(os.path.join(output_dir, "README.md"))
 

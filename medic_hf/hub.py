@@ -127,6 +127,7 @@ def build_model_card(
     warnings: list[str] | None = None,
     student_base: str | None = None,
     student_base_id: str | None = None,
+    frozen_modules: list[str] | None = None,
 ) -> ModelCard:
     """Build the model card (README.md) of a MEDIC-sanitized model.
 
@@ -150,6 +151,7 @@ def build_model_card(
         warnings: sentences shown in a warning section at the top of the card (e.g. a large accuracy drop).
         student_base: the trusted pretrained base the student started from (None: a fresh random initialisation);
             ``student_base_id``, its Hub id, is added to the ``base_model`` metadata.
+        frozen_modules: the student's modules kept at the base's values (the first ones, in model order).
     """
     library_name = library_name or _LIBRARY_NAMES.get(family, "pytorch")
     base_repo_id = _hub_repo_id(base_model) if base_model_id is _UNSET else base_model_id
@@ -194,6 +196,7 @@ def build_model_card(
             license_known=license is not None,
             warnings=warnings or [],
             student_base_markdown=_code_or_link(student_base, student_base_id) if student_base else None,
+            frozen_modules=list(frozen_modules or []),
             extra=extra,
         )
 

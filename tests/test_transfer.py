@@ -65,6 +65,7 @@ def test_the_student_starts_from_a_local_base_with_a_fresh_classifier(family, tm
     cloner.save_model()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Student initialisation" in card and "`base`" in card and str(tmp_path) not in card
+    assert f"The student's first {len(cloner.frozen_modules)} modules (`" in card and cloner.frozen_modules
 
 
 def test_a_base_with_the_teachers_classes_keeps_its_classifier():
