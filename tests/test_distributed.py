@@ -91,3 +91,47 @@ def test_two_processes_match_one(tmp_path, images):
     assert (loss_one.pop("world"), loss_two.pop("world")) == (1, 2)
     for key in loss_one:
         assert abs(loss_one[key] - loss_two[key]) <= 1e-3 * max(1.0, abs(loss_one[key])), (key, loss_one, loss_two)
+
+
+def base_started_steps(folder: str) -> None:
+    """Runs in every process: two MEDIC steps of a student started from the base folder, whose early modules are
+    frozen by default; rank 0 saves the student."""
+    cloner = MedicCloner(
+        f"{folder}/teacher",
+        MedicConfig(
+            output_dir=f"{folder}/out",
+            per_device_train_batch_size=GLOBAL_BATCH // 2,
+            max_steps=2,
+            save_strategy="no",
+            disable_tqdm=True,
+            use_cpu=True,
+            max_accuracy_drop=None,
+        ),
+        train_dataset=pixel_dataset(GLOBAL_BATCH),
+        student=f"{folder}/base",
+    )
+    assert cloner.frozen_modules
+    cloner.train()
+    if cloner.is_world_process_zero():
+        student = cloner.accelerator.unwrap_model(cloner.model)
+        save_file({k: v.contiguous() for k, v in student.state_dict().items()}, f"{folder}/student.safetensors")
+        with open(f"{folder}/frozen.json", "w") as f:
+            json.dump(cloner.frozen_modules, f)
+    cloner.remove_hooks()
+
+
+def test_a_base_started_student_with_frozen_modules_trains_on_two_processes(tmp_path):
+    from medic_hf.modeling import save_native
+    from tests.test_transfer import fine_tuned
+    from tests.tiny_models import timm_resnet
+
+    torch.manual_seed(0)
+    base = timm_resnet(num_classes=5)
+    save_native(base, tmp_path / "base")
+    save_native(fine_tuned(base, calibrate(timm_resnet(), pixel_dataset(8))), tmp_path / "teacher")
+    debug_launcher(base_started_steps, args=(str(tmp_path),), num_processes=2)
+    student, before = load_file(f"{tmp_path}/student.safetensors"), base.state_dict()
+    frozen = json.load(open(f"{tmp_path}/frozen.json"))
+    for name in (n for n, _ in base.named_parameters() if n.rsplit(".", 1)[0] in frozen):
+        assert torch.equal(student[name], before[name]), name  # kept at the base's values under DDP
+    assert not torch.equal(student["layer4.0.conv1.weight"], before["layer4.0.conv1.weight"])
