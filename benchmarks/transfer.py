@@ -228,6 +228,10 @@ def run_cell(args, attack: str, method: str, seed: int, dataset) -> dict:
         metrics = evaluate(load_model(teacher_dir), data["test"], data["backdoor"], data["target"], 256)
         before_file.write_text(json.dumps(metrics, indent=2))
     before = json.loads(before_file.read_text())
+    clean_model_file = before_file.with_name("clean_model.json")
+    if not clean_model_file.exists():  # what a model that never saw the trigger scores on the backdoor view
+        metrics = evaluate(load_model(downstream(args, "none")), data["test"], data["backdoor"], data["target"], 256)
+        clean_model_file.write_text(json.dumps(metrics, indent=2))
     clean = class_balanced_subset(data["train"], fraction=args.clean_fraction, seed=seed)
     work = Path(args.models_dir) / "work" / attack / name / f"seed{seed}"
     torch.manual_seed(seed)
@@ -275,6 +279,12 @@ def collect(output_dir: Path, attacks: list[str]) -> list[dict]:
     return [json.loads(f.read_text()) for a in attacks for f in sorted(output_dir.glob(f"cells/{a}/*/seed*.json"))]
 
 
+def clean_model_asr(output_dir: Path, attacks: list[str]) -> dict[str, float]:
+    """Attack -> ASR (in %) of the clean downstream model, which never saw the trigger: the floor of the column."""
+    files = {a: output_dir / "cells" / a / "clean_model.json" for a in attacks}
+    return {a: 100 * json.loads(f.read_text())[ATTACK_SUCCESS_RATE] for a, f in files.items() if f.exists()}
+
+
 def summarise(cells: list[dict]) -> dict:
     """Per method and attack, the means over seeds (in %) and the highest trajectory ASR."""
     table: dict = {}
@@ -298,7 +308,7 @@ def summarise(cells: list[dict]) -> dict:
     return summary
 
 
-def markdown(summary: dict) -> str:
+def markdown(summary: dict, floors: dict[str, float] | None = None) -> str:
     attacks = sorted({a for by_attack in summary.values() for a in by_attack})
     lines = [
         "Each cell: clean accuracy / ASR after (highest ASR of the trajectory) — DER, in %, mean over seeds "
@@ -325,6 +335,13 @@ def markdown(summary: dict) -> str:
         "Trojaned models: "
         + ", ".join(f"{a} {b['acc_before']:.2f}% / {b['asr_before']:.1f}% ASR" for a, b in before.items()),
     ]
+    if floors:
+        lines += [
+            "",
+            "The clean downstream model (never poisoned), on each backdoor view: "
+            + ", ".join(f"{a} {floors[a]:.1f}% ASR" for a in attacks if a in floors)
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -358,7 +375,8 @@ def report(args) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     name = args.report_name
     (output_dir / f"{name}.json").write_text(json.dumps(summary, indent=2))
-    (output_dir / f"{name}.md").write_text(markdown(summary) if summary else "No cells yet.\n")
+    floors = clean_model_asr(output_dir, args.attacks)
+    (output_dir / f"{name}.md").write_text(markdown(summary, floors) if summary else "No cells yet.\n")
     plot(cells, output_dir / ("trajectories.png" if name == "results" else f"{name}-trajectories.png"))
     return summary
 
