@@ -667,9 +667,7 @@ class MedicCloner(ClassifierTrainer):
             "mix_inputs": a.mix_inputs if a.mix_inputs == "none" else f"{a.mix_inputs} (α = {a.mix_alpha:g})",
             "hook_layers": ",".join(a.hook_layers),
             "clone_logits": a.clone_logits,
-            "frozen modules": f"{len(self.frozen_modules)} (the first, kept at the start values)"
-            if self.frozen_modules
-            else 0,
+            "frozen_modules": len(self.frozen_modules),
             "freeze_modules": a.freeze_modules,
             "cloned_modules": len(self.teacher_recorder.modules),
             "left_out_modules": len(self.left_out_modules),

@@ -118,10 +118,12 @@ def freeze_early_modules(
     count = int(fraction * len(modules))
     if count == 0:
         return []
-    first_trained = modules[count]
-    for name, param in model.named_parameters():
-        if name.startswith(first_trained + "."):
-            break
+    trained = tuple(name + "." for name in modules[count:])
+    params = list(model.named_parameters())
+    cut = next((i for i, (name, _) in enumerate(params) if name.startswith(trained)), None)
+    if cut is None:  # e.g. only parameter-free norms after the cut: the whole model would be frozen
+        raise ValueError(f"frozen_fraction={fraction} leaves no module with parameters to train: use a smaller one.")
+    for _, param in params[:cut]:
         param.requires_grad_(False)
     return modules[:count]
 
