@@ -71,6 +71,7 @@ FINGERPRINT_SETTINGS = (
     "exclude_modules",
     "frozen_fraction",
     "freeze_modules",
+    "base_warmup",
     "stats_granularity",
     "sigma_floor",
     "coupled_weight_decay",
@@ -165,6 +166,8 @@ class MedicCloner(ClassifierTrainer):
                 # Transfer-learned teacher: start from the trusted pretrained weights it was fine-tuned from.
                 self.student_base = _teacher_identity(str(student), None)
                 student = student_from_base(student, teacher, seed=args.seed, trust_remote_code=trust_remote_code)
+                if not args.warmup_steps and args.base_warmup:
+                    args.warmup_steps = args.base_warmup  # a base-started student warms up (docs/transfer.md)
             student = make_student(teacher, seed=args.seed) if student is None else student
             self.frozen_modules: list[str] = []  # the student's early modules kept at the base's values
             if args.freeze_modules is not None:
@@ -678,6 +681,7 @@ class MedicCloner(ClassifierTrainer):
             "learning_rate": a.learning_rate,
             "weight_decay": a.weight_decay,
             "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
+            "warmup_steps": a.warmup_steps,
             "budget": planned,
             "training steps done": self.state.global_step,
             "epochs done": round(float(self.state.epoch or 0.0), 2),

@@ -188,6 +188,15 @@ class MedicConfig(ClassifierConfig):
             "See docs/transfer.md for how it was chosen."
         },
     )
+    base_warmup: float = field(
+        default=0.1,
+        metadata={
+            "help": "Learning-rate warmup of a student started from a trusted base when `warmup_steps` is 0: a "
+            "fraction of all steps in [0, 1), or a number of steps (as `warmup_steps`). Without it the student "
+            "copies part of the backdoor in its first epochs (docs/transfer.md). 0 turns it off; a student built "
+            "without a base never warms up unless `warmup_steps` says so (the paper)."
+        },
+    )
     freeze_modules: list[str] | str | None = field(
         default=None,
         metadata={
@@ -292,6 +301,8 @@ class MedicConfig(ClassifierConfig):
             raise ValueError(f"frozen_fraction={self.frozen_fraction}: use a value in [0, 1), or None (automatic).")
         if self.frozen_fraction and self.freeze_modules is not None:
             raise ValueError("Give frozen_fraction or freeze_modules, not both: they both choose what stays frozen.")
+        if self.base_warmup < 0:
+            raise ValueError("base_warmup must be >= 0 (0: off).")
         if self.student_input_noise < 0:
             raise ValueError("student_input_noise must be >= 0 (0: off).")
         if not 0 <= self.ema_decay < 1:

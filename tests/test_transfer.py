@@ -139,6 +139,11 @@ def test_a_base_started_student_freezes_its_early_modules_by_default(tmp_path):
         teacher, config(tmp_path, frozen_fraction=0.0), train_dataset=pixel_dataset(16), student=str(tmp_path / "base")
     )
     assert kept.frozen_modules == [] and all(p.requires_grad for p in kept.model.parameters())
+    assert cloner.args.warmup_steps == 0.1 and fresh.args.warmup_steps == 0 and kept.args.warmup_steps == 0.1
+    chosen = MedicCloner(
+        teacher, config(tmp_path, warmup_steps=3), train_dataset=pixel_dataset(16), student=str(tmp_path / "base")
+    )
+    assert chosen.args.warmup_steps == 3  # the user's warmup is kept
     with pytest.raises(ValueError, match="Give frozen_fraction or freeze_modules, not both"):
         config(tmp_path, frozen_fraction=0.5, freeze_modules=["layer1"])
 
