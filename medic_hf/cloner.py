@@ -72,6 +72,7 @@ FINGERPRINT_SETTINGS = (
     "frozen_fraction",
     "freeze_modules",
     "base_warmup",
+    "early_lr_scale",
     "stats_granularity",
     "sigma_floor",
     "coupled_weight_decay",
@@ -177,6 +178,13 @@ class MedicCloner(ClassifierTrainer):
                 if fraction is None:
                     fraction = BASE_FROZEN_FRACTION if self.student_base else 0.0
                 self.frozen_modules = freeze_early_modules(student, fraction, args.hook_layers)
+            self._slow_params: set[int] = set()  # early parameters trained at early_lr_scale × the learning rate
+            if args.early_lr_scale > 0 and self.frozen_modules:
+                slow = [p for p in student.parameters() if not p.requires_grad]
+                self._slow_params = {id(p) for p in slow}
+                for param in slow:
+                    param.requires_grad_(True)
+                self.frozen_modules = []  # trained, so cloned too
             self._raw_train_dataset = train_dataset
 
             # ClassifierTrainer prepares the data with the teacher's preprocessing, the student's input.
@@ -444,6 +452,25 @@ class MedicCloner(ClassifierTrainer):
             f.write(json.dumps(line) + "\n")
 
     # ------------------------------------------------------------------ training
+
+    def create_optimizer(self, model=None):
+        """The optimiser, with the early parameters of `early_lr_scale` in a group of their own at that fraction of
+        the learning rate (the scheduler then scales each group from its own starting value)."""
+        optimizer = super().create_optimizer(model)
+        if not self._slow_params or getattr(optimizer, "_medic_split", False):
+            return optimizer
+        groups = []
+        for group in optimizer.param_groups:
+            fast = [p for p in group["params"] if id(p) not in self._slow_params]
+            slow = [p for p in group["params"] if id(p) in self._slow_params]
+            groups += [{**group, "params": fast}] if fast else []
+            groups += [{**group, "params": slow, "lr": group["lr"] * self.args.early_lr_scale}] if slow else []
+        optimizer.param_groups.clear()
+        optimizer.state.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        optimizer._medic_split = True
+        return optimizer
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Estimates (or, on resume, reloads) the neuron statistics, then trains the student.

@@ -197,6 +197,14 @@ class MedicConfig(ClassifierConfig):
             "without a base never warms up unless `warmup_steps` says so (the paper)."
         },
     )
+    early_lr_scale: float = field(
+        default=0.0,
+        metadata={
+            "help": "Learning-rate multiplier of the early modules that `frozen_fraction` selects: 0 keeps them at "
+            "the base's values and out of the clone loss (the default); a value in (0, 1] trains and clones them at "
+            "that fraction of the learning rate instead (discriminative fine-tuning, Howard & Ruder 2018)."
+        },
+    )
     freeze_modules: list[str] | str | None = field(
         default=None,
         metadata={

@@ -148,6 +148,23 @@ def test_a_base_started_student_freezes_its_early_modules_by_default(tmp_path):
         config(tmp_path, frozen_fraction=0.5, freeze_modules=["layer1"])
 
 
+def test_early_lr_scale_trains_and_clones_the_early_modules_slower(tmp_path):
+    torch.manual_seed(0)
+    base, teacher = timm_resnet(num_classes=5), timm_resnet()
+    save_native(base, tmp_path / "base")
+    teacher = fine_tuned(base, teacher)
+    args = config(tmp_path, early_lr_scale=0.1, learning_rate=0.02, ema_decay=0.0)
+    cloner = MedicCloner(teacher, args, train_dataset=pixel_dataset(16), student=str(tmp_path / "base"))
+    assert cloner.frozen_modules == [] and all(p.requires_grad for p in cloner.model.parameters())
+    assert cloner.cloned_modules[0] == "conv1.0"  # the stem is cloned again
+    cloner.train()
+    by_name = {id(p): name for name, p in cloner.model.named_parameters()}
+    groups = {by_name[id(p)]: group["initial_lr"] for group in cloner.optimizer.param_groups for p in group["params"]}
+    assert groups["conv1.0.weight"] == pytest.approx(0.002) and groups["layer1.0.conv1.weight"] == pytest.approx(0.002)
+    assert groups["layer1.0.bn1.weight"] == pytest.approx(0.02) and groups["fc.weight"] == pytest.approx(0.02)
+    assert len(groups) == len(list(cloner.model.parameters()))  # every parameter in exactly one group
+
+
 def test_a_freeze_pattern_matching_nothing_is_refused_before_training(tmp_path):
     base = timm_resnet(num_classes=5)
     with pytest.raises(ValueError, match="freeze_modules='stem' matches no module"):
