@@ -295,7 +295,11 @@ def summarise(cells: list[dict]) -> dict:
         summary[method] = {}
         for attack, group in by_attack.items():
             mean = lambda values: 100 * sum(values) / len(values)  # noqa: E731
-            peaks = [max(p["attack_success_rate"] for p in c["trajectory"]) for c in group if c.get("trajectory")]
+            traced = [[p["attack_success_rate"] for p in c["trajectory"]] for c in group if c.get("trajectory")]
+            peaks = [max(t) for t in traced]
+            # The no-rebound check: the seed-mean ASR at each evaluation (runs of one setting evaluate at the
+            # same steps), its highest value over the run.
+            seed_mean = [sum(values) / len(values) for values in zip(*traced)]
             summary[method][attack] = {
                 "seeds": sorted(c["seed"] for c in group),
                 "acc_before": mean([c["before"][CLEAN_ACCURACY] for c in group]),
@@ -304,6 +308,8 @@ def summarise(cells: list[dict]) -> dict:
                 "asr": mean([c["after"][ATTACK_SUCCESS_RATE] for c in group]),
                 "der": mean([c["der"] for c in group]),
                 "peak_asr": mean(peaks) if peaks else None,
+                "peak_of_mean_asr": 100 * max(seed_mean) if seed_mean else None,
+                "highest_run_asr": 100 * max(peaks) if peaks else None,
             }
     return summary
 
@@ -312,7 +318,8 @@ def markdown(summary: dict, floors: dict[str, float] | None = None) -> str:
     attacks = sorted({a for by_attack in summary.values() for a in by_attack})
     lines = [
         "Each cell: clean accuracy / ASR after (highest ASR of the trajectory) — DER, in %, mean over seeds "
-        "(their number in brackets).",
+        "(their number in brackets). The highest ASR of the trajectory is that of the seed-mean ASR at each "
+        "evaluation (the issue's no-rebound check), then that of the highest single run.",
         "",
         "| method | " + " | ".join(attacks) + " | mean DER |",
         "|---" * (len(attacks) + 2) + "|",
@@ -324,7 +331,9 @@ def markdown(summary: dict, floors: dict[str, float] | None = None) -> str:
             if s is None:
                 row.append("–")
                 continue
-            peak = f" ({s['peak_asr']:.1f})" if s["peak_asr"] is not None else ""
+            peak = ""
+            if s["peak_asr"] is not None:
+                peak = f" ({s['peak_of_mean_asr']:.1f}; {s['highest_run_asr']:.1f})"
             row.append(f"{s['acc']:.2f} / {s['asr']:.1f}{peak} — {s['der']:.1f} ({len(s['seeds'])})")
             ders.append(s["der"])
         mean_der = f"{sum(ders) / len(ders):.1f}" if len(ders) == len(attacks) else "–"
