@@ -11,7 +11,9 @@
    - `medic`: MEDIC from scratch (the paper's method);
    - `clone_base`: plain cloning (τ = 0) from the base;
    - `ft_base`: fine-tuning the base (fresh classifier) on the clean set alone: needs no teacher at all;
-   - `ft`, `nad`, `anp`: the baselines on the trojaned model (`medic_hf.defenses`, the CPU preset's budgets).
+   - `ft`, `nad`, `anp`: the baselines on the trojaned model (`medic_hf.defenses`, the CPU preset's budgets);
+   - `clean_teacher`, a control and not a defense: MEDIC from the base cloning the clean downstream model, which
+     never saw a trigger, scored on each attack's backdoor view: what MEDIC's own student scores without a backdoor.
    The MEDIC-style runs evaluate the clean accuracy and the ASR every `--eval_every` epochs on `--trace_samples`
    test images (the no-rebound check); every cell ends with the full test split and its backdoor view.
 
@@ -47,8 +49,9 @@ from medic_hf.scripts.benchmark import evaluate
 from medic_hf.scripts.poison import select_classes
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["medic_base", "medic", "clone_base", "ft_base", "ft", "nad", "anp"]
-TRAJECTORY_METHODS = {"medic_base", "medic", "clone_base"}
+METHODS = ["medic_base", "medic", "clone_base", "ft_base", "ft", "nad", "anp", "clean_teacher"]
+TRAJECTORY_METHODS = {"medic_base", "medic", "clone_base", "clean_teacher"}
+FROM_BASE = {"medic_base", "clone_base", "clean_teacher"}
 # The CPU preset's budgets (recipes/benchmark_cpu.yaml): fine-tuning 30 epochs, ANP 200 mask steps.
 BASELINE_KWARGS = {"ft": {"num_train_epochs": 30}, "nad": {}, "anp": {"max_steps": 200}}
 ATTACK_FLAGS = {
@@ -200,7 +203,7 @@ def run_medic(args, method, seed, teacher_dir, base_dir, clean, data, work) -> t
     config = medic_config(args, method, seed, work, steps_per_epoch)
     trace = min(args.trace_samples, len(data["test"]))
     eval_sets = {"clean": data["test"].select(range(trace)), "backdoor": data["backdoor"].select(range(trace))}
-    student = str(base_dir) if method.endswith("_base") else None
+    student = str(base_dir) if method in FROM_BASE else None
     cloner = MedicCloner(str(teacher_dir), config, train_dataset=clean, eval_dataset=eval_sets, student=student)
     try:
         cloner.train()
@@ -237,7 +240,8 @@ def run_cell(args, attack: str, method: str, seed: int, dataset) -> dict:
     torch.manual_seed(seed)
     start, trajectory = time.perf_counter(), None
     if method in TRAJECTORY_METHODS:
-        repaired, trajectory = run_medic(args, method, seed, teacher_dir, base_dir, clean, data, work)
+        teacher = downstream(args, "none") if method == "clean_teacher" else teacher_dir
+        repaired, trajectory = run_medic(args, method, seed, teacher, base_dir, clean, data, work)
     elif method == "ft_base":
         base = load_model(base_dir)
         base.reset_classifier(len(args.downstream_classes))  # the downstream task's fresh classifier
@@ -337,6 +341,8 @@ def markdown(summary: dict, floors: dict[str, float] | None = None) -> str:
             row.append(f"{s['acc']:.2f} / {s['asr']:.1f}{peak} — {s['der']:.1f} ({len(s['seeds'])})")
             ders.append(s["der"])
         mean_der = f"{sum(ders) / len(ders):.1f}" if len(ders) == len(attacks) else "–"
+        if method.startswith("clean_teacher"):  # a control, not a defense: its teacher was never trojaned
+            mean_der = "control"
         lines.append(f"| `{method}` | " + " | ".join(row) + f" | {mean_der} |")
     before = {a: next(s[a] for s in summary.values() if a in s) for a in attacks}
     lines += [
