@@ -1,0 +1,95 @@
+"""Two probes of docs/transfer.md ("A second set of models") that are not MedicConfig settings, on the transfer
+benchmark's models (`benchmarks/transfer.py` trains them first):
+
+- `reset_teacher`: where each backdoor lives. The trojaned model with its first `--fraction` of conv / norm / linear
+  modules (and every parameter before them) put back to the base's values, evaluated as it is (no training):
+
+      python benchmarks/transfer_probes.py reset_teacher --attacks sig-half label_consistent
+
+- `hybrid`: MEDIC with a student whose first quarter is the base's (frozen, as this mode's default) and whose rest is
+  freshly initialised, as in MEDIC from scratch; any other flag goes to `benchmarks/transfer.py` (tag its cells):
+
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py hybrid --output_dir benchmarks/results/transfer-set2 \\
+          --methods medic_base --seeds 0 --attacks sig-half label_consistent --tag hybrid
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import transfer  # noqa: E402
+
+from medic_hf import MedicCloner  # noqa: E402
+from medic_hf.config import BASE_FROZEN_FRACTION  # noqa: E402
+from medic_hf.data import load_image_dataset  # noqa: E402
+from medic_hf.modeling import load_model, make_student, student_from_base  # noqa: E402
+from medic_hf.neurons import freeze_early_modules  # noqa: E402
+from medic_hf.scripts.benchmark import evaluate  # noqa: E402
+
+
+def early_keys(model: torch.nn.Module, fraction: float) -> set[str]:
+    """State-dict keys of the first `fraction` of the model's modules, as `frozen_fraction` counts them (the
+    parameters before the cut, and the frozen modules' buffers: normalisation statistics)."""
+    probe = copy.deepcopy(model).requires_grad_(True)
+    modules = freeze_early_modules(probe, fraction)
+    frozen = {name for name, p in probe.named_parameters() if not p.requires_grad}
+    return frozen | {key for key in model.state_dict() if any(key.startswith(m + ".") for m in modules)}
+
+
+def copy_keys(target: torch.nn.Module, source: torch.nn.Module, keys: set[str]) -> torch.nn.Module:
+    target_state, source_state = target.state_dict(), source.state_dict()
+    with torch.no_grad():
+        for key in keys:
+            target_state[key].copy_(source_state[key])
+    return target
+
+
+def reset_teacher(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--attacks", nargs="+", default=transfer.DEFAULT_ATTACKS)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25])
+    args, rest = parser.parse_known_args(argv)
+    bench = transfer.make_parser().parse_args(rest)
+    dataset = load_image_dataset(bench.dataset_name)
+    base = load_model(transfer.upstream(bench))
+    for attack in args.attacks:
+        teacher_dir = transfer.downstream(bench, attack)
+        data = transfer.task_data(bench, dataset, teacher_dir)
+        for fraction in [0.0, *args.fractions]:
+            teacher = load_model(teacher_dir)
+            teacher = copy_keys(teacher, base, early_keys(teacher, fraction)).eval()
+            metrics = evaluate(teacher, data["test"], data["backdoor"], data["target"], 256)
+            row = {"attack": attack, "fraction": fraction, **{k: round(100 * v, 2) for k, v in metrics.items()}}
+            print(json.dumps(row), flush=True)
+
+
+def hybrid_cloner(teacher, config, *, student=None, **kwargs) -> MedicCloner:
+    teacher = load_model(teacher)
+    fresh = make_student(teacher, seed=config.seed)
+    based = student_from_base(student, teacher, seed=config.seed)
+    fresh = copy_keys(fresh, based, early_keys(fresh, BASE_FROZEN_FRACTION))
+    # A student given as a module freezes nothing and does not warm up unless told: as this mode's defaults.
+    config.frozen_fraction, config.warmup_steps = BASE_FROZEN_FRACTION, config.base_warmup
+    return MedicCloner(teacher, config, student=fresh, **kwargs)
+
+
+def main() -> None:
+    probe, argv = sys.argv[1], sys.argv[2:]
+    if probe == "reset_teacher":
+        reset_teacher(argv)
+    elif probe == "hybrid":
+        transfer.MedicCloner = hybrid_cloner
+        transfer.main(argv)
+    else:
+        raise SystemExit(f"unknown probe {probe!r}: use reset_teacher or hybrid")
+
+
+if __name__ == "__main__":
+    main()
