@@ -699,6 +699,7 @@ class MedicCloner(ClassifierTrainer):
             "clone_logits": a.clone_logits,
             "frozen_modules": len(self.frozen_modules),
             "freeze_modules": a.freeze_modules,
+            "early_lr_scale": a.early_lr_scale,
             "cloned_modules": len(self.teacher_recorder.modules),
             "left_out_modules": len(self.left_out_modules),
             "stats_granularity": a.stats_granularity,

@@ -309,6 +309,12 @@ class MedicConfig(ClassifierConfig):
             raise ValueError(f"frozen_fraction={self.frozen_fraction}: use a value in [0, 1), or None (automatic).")
         if self.frozen_fraction and self.freeze_modules is not None:
             raise ValueError("Give frozen_fraction or freeze_modules, not both: they both choose what stays frozen.")
+        if not 0 <= self.early_lr_scale <= 1:
+            raise ValueError(f"early_lr_scale={self.early_lr_scale}: use a value in [0, 1] (0: frozen).")
+        if self.early_lr_scale and self.freeze_modules is not None:
+            raise ValueError(
+                "early_lr_scale applies to the modules of frozen_fraction; with freeze_modules, give early_lr_scale=0."
+            )
         if self.base_warmup < 0:
             raise ValueError("base_warmup must be >= 0 (0: off).")
         if self.student_input_noise < 0:

@@ -163,6 +163,10 @@ def test_early_lr_scale_trains_and_clones_the_early_modules_slower(tmp_path):
     assert groups["conv1.0.weight"] == pytest.approx(0.002) and groups["layer1.0.conv1.weight"] == pytest.approx(0.002)
     assert groups["layer1.0.bn1.weight"] == pytest.approx(0.02) and groups["fc.weight"] == pytest.approx(0.02)
     assert len(groups) == len(list(cloner.model.parameters()))  # every parameter in exactly one group
+    with pytest.raises(ValueError, match=r"early_lr_scale=2: use a value in \[0, 1\]"):
+        config(tmp_path, early_lr_scale=2)
+    with pytest.raises(ValueError, match="with freeze_modules, give early_lr_scale=0"):
+        config(tmp_path, early_lr_scale=0.1, freeze_modules=["layer1"])
 
 
 def test_a_freeze_pattern_matching_nothing_is_refused_before_training(tmp_path):
