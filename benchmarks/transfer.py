@@ -109,6 +109,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report_name", default="results", help="Stem of the report's files (another set of --attacks' columns)."
     )
+    parser.add_argument(
+        "--report_methods", nargs="+", default=None, help="The report's rows, named as in the table (all by default)."
+    )
     return parser
 
 
@@ -386,6 +389,8 @@ def plot(cells: list[dict], path: Path) -> None:
 def report(args) -> dict:
     output_dir = Path(args.output_dir)
     cells = collect(output_dir, args.attacks)
+    if args.report_methods:
+        cells = [c for c in cells if c["method"] in args.report_methods]
     summary = summarise(cells)
     output_dir.mkdir(parents=True, exist_ok=True)
     name = args.report_name
