@@ -171,6 +171,7 @@ class MedicCloner(ClassifierTrainer):
                     args.warmup_steps = args.base_warmup  # a base-started student warms up (docs/transfer.md)
             student = make_student(teacher, seed=args.seed) if student is None else student
             self.frozen_modules: list[str] = []  # the student's early modules kept at the base's values
+            trainable = {id(p) for p in student.parameters() if p.requires_grad}
             if args.freeze_modules is not None:
                 freeze_modules(student, args.freeze_modules)
             else:
@@ -180,7 +181,7 @@ class MedicCloner(ClassifierTrainer):
                 self.frozen_modules = freeze_early_modules(student, fraction, args.hook_layers)
             self._slow_params: set[int] = set()  # early parameters trained at early_lr_scale × the learning rate
             if args.early_lr_scale > 0 and self.frozen_modules:
-                slow = [p for p in student.parameters() if not p.requires_grad]
+                slow = [p for p in student.parameters() if id(p) in trainable and not p.requires_grad]
                 self._slow_params = {id(p) for p in slow}
                 for param in slow:
                     param.requires_grad_(True)
