@@ -16,7 +16,6 @@ benchmark's models (`benchmarks/transfer.py` trains them first):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -30,17 +29,15 @@ from medic_hf import MedicCloner  # noqa: E402
 from medic_hf.config import BASE_FROZEN_FRACTION  # noqa: E402
 from medic_hf.data import load_image_dataset  # noqa: E402
 from medic_hf.modeling import load_model, make_student, student_from_base  # noqa: E402
-from medic_hf.neurons import freeze_early_modules  # noqa: E402
+from medic_hf.neurons import early_modules  # noqa: E402
 from medic_hf.scripts.benchmark import evaluate  # noqa: E402
 
 
 def early_keys(model: torch.nn.Module, fraction: float) -> set[str]:
     """State-dict keys of the first `fraction` of the model's modules, as `frozen_fraction` counts them (the
     parameters before the cut, and the frozen modules' buffers: normalisation statistics)."""
-    probe = copy.deepcopy(model).requires_grad_(True)
-    modules = freeze_early_modules(probe, fraction)
-    frozen = {name for name, p in probe.named_parameters() if not p.requires_grad}
-    return frozen | {key for key in model.state_dict() if any(key.startswith(m + ".") for m in modules)}
+    modules, params = early_modules(model, fraction)
+    return set(params) | {key for key in model.state_dict() if any(key.startswith(m + ".") for m in modules)}
 
 
 def copy_keys(target: torch.nn.Module, source: torch.nn.Module, keys: set[str]) -> torch.nn.Module:

@@ -38,7 +38,7 @@ from .modeling import (
     model_family,
     student_from_base,
 )
-from .neurons import NeuronRecorder, freeze_early_modules, freeze_modules, per_sample
+from .neurons import NeuronRecorder, early_modules, freeze_early_modules, freeze_modules, per_sample
 from .timing import StepTimer
 from .training import ClassifierTrainer, distillation_loss, random_state_kept
 
@@ -171,21 +171,18 @@ class MedicCloner(ClassifierTrainer):
                     args.warmup_steps = args.base_warmup  # a base-started student warms up (docs/transfer.md)
             student = make_student(teacher, seed=args.seed) if student is None else student
             self.frozen_modules: list[str] = []  # the student's early modules kept at the base's values
-            trainable = {id(p) for p in student.parameters() if p.requires_grad}
+            self._slow_params: set[int] = set()  # early parameters trained at early_lr_scale × the learning rate
             if args.freeze_modules is not None:
                 freeze_modules(student, args.freeze_modules)
             else:
                 fraction = args.frozen_fraction
                 if fraction is None:
                     fraction = BASE_FROZEN_FRACTION if self.student_base else 0.0
-                self.frozen_modules = freeze_early_modules(student, fraction, args.hook_layers)
-            self._slow_params: set[int] = set()  # early parameters trained at early_lr_scale × the learning rate
-            if args.early_lr_scale > 0 and self.frozen_modules:
-                slow = [p for p in student.parameters() if id(p) in trainable and not p.requires_grad]
-                self._slow_params = {id(p) for p in slow}
-                for param in slow:
-                    param.requires_grad_(True)
-                self.frozen_modules = []  # trained, so cloned too
+                if args.early_lr_scale > 0:  # trained slower instead of frozen, so cloned too
+                    params = dict(student.named_parameters())
+                    self._slow_params = {id(params[n]) for n in early_modules(student, fraction, args.hook_layers)[1]}
+                else:
+                    self.frozen_modules = freeze_early_modules(student, fraction, args.hook_layers)
             self._raw_train_dataset = train_dataset
 
             # ClassifierTrainer prepares the data with the teacher's preprocessing, the student's input.
@@ -457,20 +454,18 @@ class MedicCloner(ClassifierTrainer):
     def create_optimizer(self, model=None):
         """The optimiser, with the early parameters of `early_lr_scale` in a group of their own at that fraction of
         the learning rate (the scheduler then scales each group from its own starting value)."""
+        if self.optimizer is not None or not self._slow_params:  # built (and split) already, or nothing to split
+            return super().create_optimizer(model)
         optimizer = super().create_optimizer(model)
-        if not self._slow_params or getattr(optimizer, "_medic_split", False):
-            return optimizer
         groups = []
         for group in optimizer.param_groups:
             fast = [p for p in group["params"] if id(p) not in self._slow_params]
             slow = [p for p in group["params"] if id(p) in self._slow_params]
             groups += [{**group, "params": fast}] if fast else []
             groups += [{**group, "params": slow, "lr": group["lr"] * self.args.early_lr_scale}] if slow else []
-        optimizer.param_groups.clear()
-        optimizer.state.clear()
+        optimizer.param_groups.clear()  # a new optimiser: no state yet
         for group in groups:
             optimizer.add_param_group(group)
-        optimizer._medic_split = True
         return optimizer
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):

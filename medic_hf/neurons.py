@@ -105,27 +105,36 @@ def freeze_modules(model: nn.Module, patterns: list[str] | str) -> list[str]:
     return frozen
 
 
-def freeze_early_modules(
+def early_modules(
     model: nn.Module, fraction: float, kinds: Iterable[str] = ("conv", "norm", "linear")
-) -> list[str]:
-    """Stops training the first `fraction` of the model's conv / norm / linear modules, in the order the model
-    registers them (its depth from the input, for timm, transformers and torchvision classifiers), together with every
-    parameter registered before them (a ViT's class token and position embeddings); returns the frozen modules'
-    names. Their outputs can no longer change, so they are not worth cloning."""
+) -> tuple[list[str], list[str]]:
+    """The first `fraction` of the model's conv / norm / linear modules, in the order the model registers them (its
+    depth from the input, for timm, transformers and torchvision classifiers), and the names of every parameter
+    registered before the first module after them (theirs, and a ViT's class token and position embeddings)."""
     if not 0 <= fraction < 1:
         raise ValueError(f"frozen_fraction={fraction}: use a value in [0, 1) (0 trains every parameter).")
     modules = list(find_clone_modules(model, kinds))
     count = int(fraction * len(modules))
     if count == 0:
-        return []
+        return [], []
     trained = tuple(name + "." for name in modules[count:])
-    params = list(model.named_parameters())
-    cut = next((i for i, (name, _) in enumerate(params) if name.startswith(trained)), None)
+    names = [name for name, _ in model.named_parameters()]
+    cut = next((i for i, name in enumerate(names) if name.startswith(trained)), None)
     if cut is None:  # e.g. only parameter-free norms after the cut: the whole model would be frozen
         raise ValueError(f"frozen_fraction={fraction} leaves no module with parameters to train: use a smaller one.")
-    for _, param in params[:cut]:
-        param.requires_grad_(False)
-    return modules[:count]
+    return modules[:count], names[:cut]
+
+
+def freeze_early_modules(
+    model: nn.Module, fraction: float, kinds: Iterable[str] = ("conv", "norm", "linear")
+) -> list[str]:
+    """Stops training the `early_modules` of the model and the parameters before them; returns the frozen modules'
+    names. Their outputs can no longer change, so they are not worth cloning."""
+    modules, names = early_modules(model, fraction, kinds)
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(False)
+    return modules
 
 
 def capture_point(module: nn.Module) -> nn.Module:
