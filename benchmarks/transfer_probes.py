@@ -1,4 +1,4 @@
-"""Two probes of docs/transfer.md ("A second set of models") that are not MedicConfig settings, on the transfer
+"""Three probes of docs/transfer.md ("A second set of models") that are not MedicConfig settings, on the transfer
 benchmark's models (`benchmarks/transfer.py` trains them first):
 
 - `reset_teacher`: where each backdoor lives. The trojaned model with its first `--fraction` of conv / norm / linear
@@ -11,6 +11,15 @@ benchmark's models (`benchmarks/transfer.py` trains them first):
 
       OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py hybrid --output_dir benchmarks/results/transfer-set2 \\
           --methods medic_base --seeds 0 --attacks sig-half label_consistent --tag hybrid
+
+- `ce_early`: the early modules that `early_lr_scale` trains (instead of freezing them) learn from the labels alone:
+  the gradient of the clone loss, their own and the later layers', is taken out of their parameters, so nothing of
+  the teacher reaches them; the later layers are cloned as usual. Give `early_lr_scale` (their learning rate's
+  fraction) in `--medic_kwargs`:
+
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py ce_early --output_dir benchmarks/results/transfer-set2 \\
+          --methods medic_base --seeds 0 --attacks sig-half label_consistent --tag ce_early1 \\
+          --medic_kwargs '{"early_lr_scale": 1.0}'
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transfer  # noqa: E402
@@ -77,6 +87,37 @@ def hybrid_cloner(teacher, config, *, student=None, **kwargs) -> MedicCloner:
     return MedicCloner(teacher, config, student=fresh, **kwargs)
 
 
+class CEOnlyEarlyCloner(MedicCloner):
+    """MedicCloner whose early parameters (those of `early_lr_scale`) get the gradient of the cross-entropy only."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        for handle in getattr(self, "_ce_hooks", []):  # last step's, if its backward did not run them
+            handle.remove()
+        self._ce_hooks = []
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            if (
+                self.args.gradient_accumulation_steps != 1
+                or self.args.logit_distillation
+                or self.args.mix_inputs != "none"
+            ):
+                raise ValueError("ce_early supports one accumulation step, no distillation and no mixing")
+            early = [p for p in model.parameters() if id(p) in self._slow_params and p.requires_grad]
+            ce = F.cross_entropy(outputs["logits"].float(), inputs["labels"])
+            grads = torch.autograd.grad(ce, early, retain_graph=True, allow_unused=True)
+            for param, grad in zip(early, grads):
+                # Replaces the parameter's gradient of the whole loss by that of the cross-entropy alone.
+                ce_grad = torch.zeros_like(param) if grad is None else grad
+                self._ce_hooks.append(param.register_hook(lambda _g, ce_grad=ce_grad: ce_grad))
+        return (loss, outputs) if return_outputs else loss
+
+
+def ce_early_cloner(teacher, config, **kwargs) -> MedicCloner:
+    if not config.early_lr_scale > 0:
+        raise SystemExit("ce_early needs --medic_kwargs '{\"early_lr_scale\": ...}' (the early modules are trained)")
+    return CEOnlyEarlyCloner(teacher, config, **kwargs)
+
+
 def main() -> None:
     probe, argv = sys.argv[1], sys.argv[2:]
     if probe == "reset_teacher":
@@ -84,8 +125,11 @@ def main() -> None:
     elif probe == "hybrid":
         transfer.MedicCloner = hybrid_cloner
         transfer.main(argv)
+    elif probe == "ce_early":
+        transfer.MedicCloner = ce_early_cloner
+        transfer.main(argv)
     else:
-        raise SystemExit(f"unknown probe {probe!r}: use reset_teacher or hybrid")
+        raise SystemExit(f"unknown probe {probe!r}: use reset_teacher, hybrid or ce_early")
 
 
 if __name__ == "__main__":
