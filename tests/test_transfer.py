@@ -220,3 +220,44 @@ def test_transfer_benchmark_end_to_end_on_the_fixture(tmp_path):
     stamp = (tmp_path / "out" / "cells" / "badnets" / "medic_base" / "seed0.json").stat().st_mtime
     transfer.main(argv)  # resumes: the finished cell is kept as it is
     assert (tmp_path / "out" / "cells" / "badnets" / "medic_base" / "seed0.json").stat().st_mtime == stamp
+
+
+def test_ce_early_probe_gives_the_early_parameters_the_cross_entropy_gradient_alone(tmp_path):
+    """benchmarks/transfer_probes.py ce_early: the early parameters' gradient is the cross-entropy's, computed here
+    by hand on the same batch; the later parameters keep the whole loss's (cross-entropy + λ · clone loss)."""
+    import torch.nn.functional as F
+
+    from tests.conftest import benchmark_script
+
+    probes = benchmark_script("transfer_probes")
+    torch.manual_seed(0)
+    base, teacher = timm_resnet(num_classes=5), timm_resnet()
+    save_native(base, tmp_path / "base")
+    args = config(tmp_path, early_lr_scale=1.0, learning_rate=0.02, ema_decay=0.0, max_steps=1)
+    cloner = probes.ce_early_cloner(fine_tuned(base, teacher), args, train_dataset=pixel_dataset(16),
+                                    student=str(tmp_path / "base"))  # fmt: skip
+    cloner.train()  # the importance statistics, and one step
+    model, batch = cloner.model.train(), next(iter(cloner.get_train_dataloader()))
+    early = [p for p in model.parameters() if id(p) in cloner._slow_params]
+    late = [p for p in model.parameters() if id(p) not in cloner._slow_params]
+    assert early and late
+
+    model.zero_grad()
+    cloner.compute_loss(model, batch).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    for handle in cloner._ce_hooks:
+        handle.remove()
+
+    model.zero_grad()
+    loss, outputs = MedicCloner.compute_loss(cloner, model, batch, return_outputs=True)
+    ce_grads = torch.autograd.grad(F.cross_entropy(outputs["logits"].float(), batch["labels"]), early,
+                                   retain_graph=True, allow_unused=True)  # fmt: skip
+    loss.backward()
+    by_id = dict(zip(map(id, model.parameters()), got))
+    for param, ce_grad in zip(early, ce_grads):
+        expected = torch.zeros_like(param) if ce_grad is None else ce_grad
+        assert torch.allclose(by_id[id(param)], expected, atol=1e-6)
+    assert not all(torch.allclose(by_id[id(p)], p.grad) for p in early)  # the clone loss did reach them
+    assert all(torch.allclose(by_id[id(p)], p.grad, atol=1e-6) for p in late)
+    with pytest.raises(SystemExit, match="early_lr_scale"):
+        probes.ce_early_cloner(teacher, config(tmp_path), student=str(tmp_path / "base"))
