@@ -1,4 +1,4 @@
-"""Three probes of docs/transfer.md ("A second set of models") that are not MedicConfig settings, on the transfer
+"""Four probes of docs/transfer.md ("A second set of models") that are not MedicConfig settings, on the transfer
 benchmark's models (`benchmarks/transfer.py` trains them first):
 
 - `reset_teacher`: where each backdoor lives. The trojaned model with its first `--fraction` of conv / norm / linear
@@ -20,6 +20,14 @@ benchmark's models (`benchmarks/transfer.py` trains them first):
       OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py ce_early --output_dir benchmarks/results/transfer-set2 \\
           --methods medic_base --seeds 0 --attacks sig-half label_consistent --tag ce_early1 \\
           --medic_kwargs '{"early_lr_scale": 1.0}'
+
+- `fresh_head`: MEDIC from the base at this mode's defaults with the base's classifier freshly initialised, as a base
+  made for another number of classes would have it (the simulated base was made for five classes, as the downstream
+  task is, so `student_from_base` keeps its classifier); timm models only:
+
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py fresh_head \\
+          --output_dir benchmarks/results/transfer-set2 --methods medic_base --seeds 0 \\
+          --attacks sig-half label_consistent --tag fresh_head
 """
 
 from __future__ import annotations
@@ -118,6 +126,15 @@ def ce_early_cloner(teacher, config, **kwargs) -> MedicCloner:
     return CEOnlyEarlyCloner(teacher, config, **kwargs)
 
 
+def fresh_head_cloner(teacher, config, *, student=None, **kwargs) -> MedicCloner:
+    teacher = load_model(teacher)
+    based = student_from_base(student, teacher, seed=config.seed)
+    # The classifier of a fresh student (timm's own initialisation), as a base made for other classes would get.
+    based.get_classifier().load_state_dict(make_student(teacher, seed=config.seed).get_classifier().state_dict())
+    config.frozen_fraction, config.warmup_steps = BASE_FROZEN_FRACTION, config.base_warmup
+    return MedicCloner(teacher, config, student=based, **kwargs)
+
+
 def main() -> None:
     probe, argv = sys.argv[1], sys.argv[2:]
     if probe == "reset_teacher":
@@ -125,11 +142,14 @@ def main() -> None:
     elif probe == "hybrid":
         transfer.MedicCloner = hybrid_cloner
         transfer.main(argv)
+    elif probe == "fresh_head":
+        transfer.MedicCloner = fresh_head_cloner
+        transfer.main(argv)
     elif probe == "ce_early":
         transfer.MedicCloner = ce_early_cloner
         transfer.main(argv)
     else:
-        raise SystemExit(f"unknown probe {probe!r}: use reset_teacher, hybrid or ce_early")
+        raise SystemExit(f"unknown probe {probe!r}: use reset_teacher, hybrid, ce_early or fresh_head")
 
 
 if __name__ == "__main__":
