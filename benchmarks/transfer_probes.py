@@ -1,5 +1,5 @@
-"""Four probes of docs/transfer.md ("A second set of models") that are not MedicConfig settings, on the transfer
-benchmark's models (`benchmarks/transfer.py` trains them first):
+"""Four probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
+settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains them first):
 
 - `reset_teacher`: where each backdoor lives. The trojaned model with its first `--fraction` of conv / norm / linear
   modules (and every parameter before them) put back to the base's values, evaluated as it is (no training):
@@ -104,12 +104,6 @@ class CEOnlyEarlyCloner(MedicCloner):
         self._ce_hooks = []
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            if (
-                self.args.gradient_accumulation_steps != 1
-                or self.args.logit_distillation
-                or self.args.mix_inputs != "none"
-            ):
-                raise ValueError("ce_early supports one accumulation step, no distillation and no mixing")
             early = [p for p in model.parameters() if id(p) in self._slow_params and p.requires_grad]
             ce = F.cross_entropy(outputs["logits"].float(), inputs["labels"])
             grads = torch.autograd.grad(ce, early, retain_graph=True, allow_unused=True)
@@ -123,6 +117,9 @@ class CEOnlyEarlyCloner(MedicCloner):
 def ce_early_cloner(teacher, config, **kwargs) -> MedicCloner:
     if not config.early_lr_scale > 0:
         raise SystemExit("ce_early needs --medic_kwargs '{\"early_lr_scale\": ...}' (the early modules are trained)")
+    if config.gradient_accumulation_steps != 1 or config.logit_distillation or config.mix_inputs != "none":
+        # The cross-entropy gradient is computed here as the plain loss of one batch.
+        raise SystemExit("ce_early supports one accumulation step, no logit_distillation and no mix_inputs")
     return CEOnlyEarlyCloner(teacher, config, **kwargs)
 
 
