@@ -85,14 +85,19 @@ def reset_teacher(argv: list[str]) -> None:
             print(json.dumps(row), flush=True)
 
 
+def with_base_defaults(config):
+    """A student given as a module freezes nothing and does not warm up unless told: give it this mode's defaults,
+    as a student given by its base's name or folder gets them."""
+    config.frozen_fraction, config.warmup_steps = BASE_FROZEN_FRACTION, config.base_warmup
+    return config
+
+
 def hybrid_cloner(teacher, config, *, student=None, **kwargs) -> MedicCloner:
     teacher = load_model(teacher)
     fresh = make_student(teacher, seed=config.seed)
     based = student_from_base(student, teacher, seed=config.seed)
     fresh = copy_keys(fresh, based, early_keys(fresh, BASE_FROZEN_FRACTION))
-    # A student given as a module freezes nothing and does not warm up unless told: as this mode's defaults.
-    config.frozen_fraction, config.warmup_steps = BASE_FROZEN_FRACTION, config.base_warmup
-    return MedicCloner(teacher, config, student=fresh, **kwargs)
+    return MedicCloner(teacher, with_base_defaults(config), student=fresh, **kwargs)
 
 
 class CEOnlyEarlyCloner(MedicCloner):
@@ -104,7 +109,7 @@ class CEOnlyEarlyCloner(MedicCloner):
         self._ce_hooks = []
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            early = [p for p in model.parameters() if id(p) in self._slow_params and p.requires_grad]
+            early = [p for p in model.parameters() if id(p) in self._slow_params]
             ce = F.cross_entropy(outputs["logits"].float(), inputs["labels"])
             grads = torch.autograd.grad(ce, early, retain_graph=True, allow_unused=True)
             for param, grad in zip(early, grads):
@@ -128,8 +133,7 @@ def fresh_head_cloner(teacher, config, *, student=None, **kwargs) -> MedicCloner
     based = student_from_base(student, teacher, seed=config.seed)
     # The classifier of a fresh student (timm's own initialisation), as a base made for other classes would get.
     based.get_classifier().load_state_dict(make_student(teacher, seed=config.seed).get_classifier().state_dict())
-    config.frozen_fraction, config.warmup_steps = BASE_FROZEN_FRACTION, config.base_warmup
-    return MedicCloner(teacher, config, student=based, **kwargs)
+    return MedicCloner(teacher, with_base_defaults(config), student=based, **kwargs)
 
 
 def main() -> None:
