@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from medic_hf.scripts import clone, poison
 
@@ -202,3 +203,29 @@ def test_poison_trains_from_the_device_set_by_default_and_per_image_on_request(t
     assert fast["poisoned_rows"] == slow["poisoned_rows"] > 0
     with pytest.raises(SystemExit, match="device_data"):
         _poison(tmp_path, "bad", "--device_data", "always")
+
+
+def test_poison_optimizer_choice_and_its_error():
+    """SGD keeps the papers' coupled L2 on every parameter; AdamW decays only the weights of rank > 1 (timm's rule),
+    so a ConvNeXt's LayerNorm and biases are left alone; an unknown name is refused before any data is read."""
+    import timm
+    from transformers import TrainingArguments
+
+    from medic_hf.scripts.poison import PoisonArguments, main, make_optimizer
+
+    model = timm.create_model("resnet18", num_classes=3, channels=[8, 8, 8, 8])
+    train_args = TrainingArguments(output_dir="unused", learning_rate=0.01, weight_decay=0.05, report_to="none")
+
+    sgd = make_optimizer(model, PoisonArguments(), train_args)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
+    assert [g["weight_decay"] for g in sgd.param_groups] == [0.05]
+
+    adamw = make_optimizer(model, PoisonArguments(optimizer="adamw"), train_args)
+    assert isinstance(adamw, torch.optim.AdamW)
+    decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in adamw.param_groups}
+    matrices = {id(p) for p in model.parameters() if p.ndim > 1}
+    assert decay[0.05] == matrices and decay[0.0] == {id(p) for p in model.parameters()} - matrices
+    assert all(g["lr"] == 0.01 for g in adamw.param_groups)
+
+    with pytest.raises(SystemExit, match="--optimizer 'lamb'"):
+        main(["--dataset_name", str(FIXTURE), "--optimizer", "lamb", "--output_dir", "unused"])

@@ -81,6 +81,14 @@ class PoisonArguments:
     test_split: str = field(default="test", metadata={"help": "Split to measure clean accuracy and ASR on."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
+    optimizer: str = field(
+        default="sgd",
+        metadata={
+            "help": "'sgd': Nesterov SGD with coupled L2 weight decay on every parameter (the backdoor papers' "
+            "recipe, for ResNets). 'adamw': AdamW with decoupled weight decay, none on biases and norms (timm's "
+            "create_optimizer_v2; the usual recipe of ConvNeXts and ViTs)."
+        },
+    )
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (Nesterov)."})
     device_data: str = field(
         default="auto",
@@ -114,8 +122,10 @@ class PoisonArguments:
 @dataclass
 class PoisonTrainingArguments(TrainingArguments):
     output_dir: str | None = field(default="runs/trojaned", metadata={"help": "Where the trojaned model goes."})
-    learning_rate: float = field(default=0.05, metadata={"help": "SGD learning rate."})
-    weight_decay: float = field(default=5e-4, metadata={"help": "Coupled L2 weight decay of SGD."})
+    learning_rate: float = field(default=0.05, metadata={"help": "Learning rate (of SGD by default)."})
+    weight_decay: float = field(
+        default=5e-4, metadata={"help": "Weight decay: coupled L2 with SGD, decoupled with AdamW."}
+    )
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     num_train_epochs: float = field(default=15, metadata={"help": "Epochs."})
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch size per device."})
@@ -126,6 +136,25 @@ class PoisonTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint every epoch (resumable)."})
     save_total_limit: int | None = field(default=1, metadata={"help": "Checkpoints kept."})
     logging_steps: float = field(default=50, metadata={"help": "Log every N steps."})
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(model, script_args: PoisonArguments, training_args: TrainingArguments) -> torch.optim.Optimizer:
+    if script_args.optimizer == "adamw":
+        from timm.optim import create_optimizer_v2
+
+        return create_optimizer_v2(
+            model, "adamw", lr=training_args.learning_rate, weight_decay=training_args.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=training_args.learning_rate,
+        momentum=script_args.momentum,
+        nesterov=True,
+        weight_decay=training_args.weight_decay,
+    )
 
 
 def select_classes(ds, label_column: str, classes: list[int]):
@@ -261,6 +290,8 @@ def main(args: list[str] | None = None) -> dict:
         raise SystemExit("--dataset_name is required (a Hub id or a local parquet / image folder).")
     if script_args.device_data not in ("auto", "never"):
         raise SystemExit(f"--device_data {script_args.device_data!r}: choose 'auto' or 'never'.")
+    if script_args.optimizer not in OPTIMIZERS:
+        raise SystemExit(f"--optimizer {script_args.optimizer!r}: choose one of {OPTIMIZERS}.")
     if script_args.attack != "none" and script_args.attack not in ATTACKS:
         raise SystemExit(f"--attack {script_args.attack!r}: choose one of {sorted(ATTACKS)} or 'none'.")
     data = load_image_dataset(script_args.dataset_name)
@@ -308,13 +339,7 @@ def main(args: list[str] | None = None) -> dict:
     def prepared(ds, train_mode):
         return prepare_for_model(ds, model, train=train_mode, preprocessing=preprocessing, num_classes=num_classes)
 
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=training_args.learning_rate,
-        momentum=script_args.momentum,
-        nesterov=True,
-        weight_decay=training_args.weight_decay,
-    )
+    optimizer = make_optimizer(model, script_args, training_args)
     train_dataset, device_transform = prepared(poisoned_train, True), None
     if script_args.device_data == "auto" and DeviceImageSet.nbytes(poisoned_train, preprocessing) <= DEVICE_DATA_MAX:
         train_dataset = DeviceImageSet.from_dataset(
