@@ -373,11 +373,17 @@ def plot(cells: list[dict], path: Path) -> None:
     attacks = sorted({c["attack"] for c in traced})
     if not attacks:
         return
+    # One colour per method in every panel and one line style per seed: tab10's cycle repeats past ten lines.
+    methods = sorted({c["method"] for c in traced})
+    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, len(attacks), figsize=(4 * len(attacks), 3.2), squeeze=False)
     for ax, attack in zip(axes[0], attacks):
         for c in (c for c in traced if c["attack"] == attack):
             xs = [p["epoch"] for p in c["trajectory"]]
-            ax.plot(xs, [100 * p["attack_success_rate"] for p in c["trajectory"]], label=f"{c['method']} s{c['seed']}")
+            ys = [100 * p["attack_success_rate"] for p in c["trajectory"]]
+            style = styles[c["seed"] % len(styles)]
+            ax.plot(xs, ys, color=colours[c["method"]], ls=style, label=f"{c['method']} s{c['seed']}")
         ax.axhline(10, color="grey", lw=0.8, ls="--")
         ax.set(title=attack, xlabel="epoch", ylabel="ASR (%)", ylim=(0, 100))
     axes[0][-1].legend(fontsize=6)
