@@ -98,6 +98,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clean_fraction", type=float, default=0.05)
     parser.add_argument("--medic_epochs", type=float, default=30, help="Epochs of the MEDIC-style runs.")
     parser.add_argument("--medic_kwargs", default="{}", help="JSON: MedicConfig fields of the MEDIC-style runs.")
+    parser.add_argument(
+        "--baseline_kwargs",
+        default="{}",
+        help="JSON: config fields of the baselines (ft_base, ft, nad, anp), e.g. another optimiser for another "
+        "architecture; their cells then take --tag too.",
+    )
     parser.add_argument("--tag", default="", help="Suffix of the cells' method names (another setting).")
     parser.add_argument("--eval_every", type=int, default=3, help="Epochs between backdoor checks (0: none).")
     parser.add_argument("--trace_samples", type=int, default=1000, help="Test images per trajectory evaluation.")
@@ -222,7 +228,9 @@ def run_medic(args, method, seed, teacher_dir, base_dir, clean, data, work) -> t
 
 
 def run_cell(args, attack: str, method: str, seed: int, dataset) -> dict:
-    name = method + (f"-{args.tag}" if args.tag and method in TRAJECTORY_METHODS else "")
+    baseline_kwargs = json.loads(args.baseline_kwargs)
+    tagged = args.tag and (method in TRAJECTORY_METHODS or baseline_kwargs)
+    name = method + (f"-{args.tag}" if tagged else "")
     cell_file = Path(args.output_dir) / "cells" / attack / name / f"seed{seed}.json"
     if cell_file.exists():
         return json.loads(cell_file.read_text())
@@ -248,12 +256,12 @@ def run_cell(args, attack: str, method: str, seed: int, dataset) -> dict:
     elif method == "ft_base":
         base = load_model(base_dir)
         base.reset_classifier(len(args.downstream_classes))  # the downstream task's fresh classifier
-        repaired = fine_tune(base, clean, FineTuningConfig(seed=seed, disable_tqdm=True, **BASELINE_KWARGS["ft"]))
+        config = FineTuningConfig(seed=seed, disable_tqdm=True, **{**BASELINE_KWARGS["ft"], **baseline_kwargs})
+        repaired = fine_tune(base, clean, config)
     else:
         function, config_class = DEFENSES[method]
-        repaired = function(
-            load_model(teacher_dir), clean, config_class(seed=seed, disable_tqdm=True, **BASELINE_KWARGS[method])
-        )
+        config = config_class(seed=seed, disable_tqdm=True, **{**BASELINE_KWARGS[method], **baseline_kwargs})
+        repaired = function(load_model(teacher_dir), clean, config)
     seconds = time.perf_counter() - start
     after = evaluate(repaired, data["test"], data["backdoor"], data["target"], 256)
     cell = {
@@ -269,6 +277,7 @@ def run_cell(args, attack: str, method: str, seed: int, dataset) -> dict:
         "seconds": round(seconds, 1),
         "trajectory": trajectory,
         "medic_kwargs": json.loads(args.medic_kwargs),
+        "baseline_kwargs": baseline_kwargs,
     }
     cell_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cell_file.with_suffix(".tmp")
