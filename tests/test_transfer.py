@@ -223,11 +223,10 @@ def test_transfer_benchmark_end_to_end_on_the_fixture(tmp_path):
 
     # Another setting of a baseline is its own tagged cell, with the fields it ran with.
     other = [*argv[: argv.index("--methods") + 1], "ft_base", *argv[argv.index("--seeds") :]]
-    transfer.main(
-        [*other, "--baseline_kwargs", '{"coupled_weight_decay": false, "learning_rate": 0.001}', "--tag", "adamw"]
-    )
+    adamw = {"optim": "adamw_torch", "coupled_weight_decay": False, "learning_rate": 0.001}
+    transfer.main([*other, "--baseline_kwargs", json.dumps(adamw), "--tag", "adamw"])
     tagged = json.loads((tmp_path / "out" / "cells" / "badnets" / "ft_base-adamw" / "seed0.json").read_text())
-    assert tagged["baseline_kwargs"] == {"coupled_weight_decay": False, "learning_rate": 0.001}
+    assert tagged["baseline_kwargs"] == adamw
 
 
 def test_ce_early_probe_gives_the_early_parameters_the_cross_entropy_gradient_alone(tmp_path):
