@@ -253,15 +253,15 @@ def run_cell(args, attack: str, method: str, seed: int, dataset) -> dict:
     if method in TRAJECTORY_METHODS:
         teacher = downstream(args, "none") if method == "clean_teacher" else teacher_dir
         repaired, trajectory = run_medic(args, method, seed, teacher, base_dir, clean, data, work)
-    elif method == "ft_base":
-        base = load_model(base_dir)
-        base.reset_classifier(len(args.downstream_classes))  # the downstream task's fresh classifier
-        config = FineTuningConfig(seed=seed, disable_tqdm=True, **{**BASELINE_KWARGS["ft"], **baseline_kwargs})
-        repaired = fine_tune(base, clean, config)
-    else:
-        function, config_class = DEFENSES[method]
-        config = config_class(seed=seed, disable_tqdm=True, **{**BASELINE_KWARGS[method], **baseline_kwargs})
-        repaired = function(load_model(teacher_dir), clean, config)
+    else:  # a baseline: ft_base fine-tunes the base at fine-tuning's budget
+        kwargs = {**BASELINE_KWARGS["ft" if method == "ft_base" else method], **baseline_kwargs}
+        if method == "ft_base":
+            base = load_model(base_dir)
+            base.reset_classifier(len(args.downstream_classes))  # the downstream task's fresh classifier
+            repaired = fine_tune(base, clean, FineTuningConfig(seed=seed, disable_tqdm=True, **kwargs))
+        else:
+            function, config_class = DEFENSES[method]
+            repaired = function(load_model(teacher_dir), clean, config_class(seed=seed, disable_tqdm=True, **kwargs))
     seconds = time.perf_counter() - start
     after = evaluate(repaired, data["test"], data["backdoor"], data["target"], 256)
     cell = {
