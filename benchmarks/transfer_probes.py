@@ -1,4 +1,4 @@
-"""Four probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
+"""Five probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
 settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains them first):
 
 - `reset_teacher`: where each backdoor lives. The trojaned model with its first `--fraction` of conv / norm / linear
@@ -28,6 +28,15 @@ settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains th
       OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py fresh_head \\
           --output_dir benchmarks/results/transfer-set2 --methods medic_base --seeds 0 \\
           --attacks sig-half label_consistent --tag fresh_head
+
+- `swa`: stochastic weight averaging (Izmailov et al., UAI 2018) in place of the exponential average: the student
+  evaluated and saved is the plain mean of its weights after every step from `--swa_start` (a fraction of the run)
+  on, norm statistics included; give the schedule in `--medic_kwargs` (SWA's own: a constant learning rate):
+
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py swa --swa_start 0.5 \\
+          --output_dir benchmarks/results/transfer-set2 --methods medic_base --seeds 0 \\
+          --attacks sig-half label_consistent --tag swa-lrconst \\
+          --medic_kwargs '{"lr_scheduler_type": "constant_with_warmup"}'
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transfer  # noqa: E402
 
 from medic_hf import MedicCloner  # noqa: E402
+from medic_hf.averaging import WeightAverage  # noqa: E402
 from medic_hf.config import BASE_FROZEN_FRACTION  # noqa: E402
 from medic_hf.data import load_image_dataset  # noqa: E402
 from medic_hf.modeling import load_model, make_student, student_from_base  # noqa: E402
@@ -136,6 +146,30 @@ def fresh_head_cloner(teacher, config, *, student=None, **kwargs) -> MedicCloner
     return MedicCloner(teacher, with_base_defaults(config), student=based, **kwargs)
 
 
+class UniformAverage(WeightAverage):
+    """SWA's running mean: the current weights until `start` (a fraction of the run's steps), then the plain mean of
+    the weights after each step from there on."""
+
+    def __init__(self, model: torch.nn.Module, start: float, cloner: MedicCloner):
+        super().__init__(model, decay=0.0, warmup=False)
+        self.start, self.cloner = start, cloner  # the cloner's state, made anew by train(), knows max_steps
+
+    def current_decay(self) -> float:
+        averaged = self.updates - int(self.start * self.cloner.state.max_steps)  # steps already in the mean
+        return 0.0 if averaged < 0 else averaged / (averaged + 1)
+
+
+def swa_cloner(start: float):
+    def build(teacher, config, **kwargs) -> MedicCloner:
+        if not config.ema_decay > 0:
+            raise SystemExit("swa replaces the weight average: keep ema_decay > 0")
+        cloner = MedicCloner(teacher, config, **kwargs)
+        cloner.weight_average = UniformAverage(cloner.accelerator.unwrap_model(cloner.model), start, cloner)
+        return cloner
+
+    return build
+
+
 def main() -> None:
     probe, argv = sys.argv[1], sys.argv[2:]
     if probe == "reset_teacher":
@@ -149,8 +183,14 @@ def main() -> None:
     elif probe == "ce_early":
         transfer.MedicCloner = ce_early_cloner
         transfer.main(argv)
+    elif probe == "swa":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--swa_start", type=float, default=0.5, help="Fraction of the steps before averaging.")
+        known, rest = parser.parse_known_args(argv)
+        transfer.MedicCloner = swa_cloner(known.swa_start)
+        transfer.main(rest)
     else:
-        raise SystemExit(f"unknown probe {probe!r}: use reset_teacher, hybrid, ce_early or fresh_head")
+        raise SystemExit(f"unknown probe {probe!r}: use reset_teacher, hybrid, ce_early, fresh_head or swa")
 
 
 if __name__ == "__main__":
