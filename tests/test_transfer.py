@@ -268,3 +268,35 @@ def test_ce_early_probe_gives_the_early_parameters_the_cross_entropy_gradient_al
     assert all(torch.allclose(by_id[id(p)], p.grad, atol=1e-6) for p in late)
     with pytest.raises(SystemExit, match="early_lr_scale"):
         probes.ce_early_cloner(teacher, config(tmp_path), student=str(tmp_path / "base"))
+
+
+def test_swa_probe_saves_the_plain_mean_of_the_second_half(tmp_path):
+    """benchmarks/transfer_probes.py swa: with 4 steps and swa_start 0.5 the student left after training is the mean
+    of its weights after steps 3 and 4 (norm statistics included), recorded here step by step."""
+    from transformers import TrainerCallback
+
+    from tests.conftest import benchmark_script
+
+    class Snapshots(TrainerCallback):
+        def __init__(self):
+            self.states = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.states.append({k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()})
+
+    probes = benchmark_script("transfer_probes")
+    torch.manual_seed(0)
+    base, teacher = timm_resnet(num_classes=5), timm_resnet()
+    save_native(base, tmp_path / "base")
+    snapshots = Snapshots()
+    cloner = probes.swa_cloner(0.5)(fine_tuned(base, teacher), config(tmp_path, max_steps=4, ema_decay=0.5),
+                                    train_dataset=pixel_dataset(16), student=str(tmp_path / "base"),
+                                    callbacks=[snapshots])  # fmt: skip
+    cloner.train()
+    assert len(snapshots.states) == 4
+    final = cloner.model.state_dict()
+    for name, third in snapshots.states[2].items():
+        assert torch.allclose(final[name], (third + snapshots.states[3][name]) / 2, atol=1e-6), name
+    assert not torch.allclose(snapshots.states[2]["fc.weight"], snapshots.states[3]["fc.weight"])  # it did train
+    with pytest.raises(SystemExit, match="ema_decay"):
+        probes.swa_cloner(0.5)(teacher, config(tmp_path, ema_decay=0.0), student=str(tmp_path / "base"))
