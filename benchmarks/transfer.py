@@ -401,16 +401,23 @@ def plot(cells: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def report(args) -> dict:
+def report(args, keep_columns: bool = False) -> dict:
+    """Writes the report of `--attacks`' columns; with `keep_columns` (after a run) also those the report already
+    had, so that a run of one attack does not narrow a report of four to its column."""
     output_dir = Path(args.output_dir)
-    cells = collect(output_dir, args.attacks)
+    attacks = list(args.attacks)
+    previous = output_dir / f"{args.report_name}.json"
+    if keep_columns and previous.exists():
+        had = {attack for by_attack in json.loads(previous.read_text()).values() for attack in by_attack}
+        attacks += sorted(had - set(attacks))
+    cells = collect(output_dir, attacks)
     if args.report_methods:
         cells = [c for c in cells if c["method"] in args.report_methods]
     summary = summarise(cells)
     output_dir.mkdir(parents=True, exist_ok=True)
     name = args.report_name
     (output_dir / f"{name}.json").write_text(json.dumps(summary, indent=2))
-    floors = clean_model_asr(output_dir, args.attacks)
+    floors = clean_model_asr(output_dir, attacks)
     (output_dir / f"{name}.md").write_text(markdown(summary, floors) if summary else "No cells yet.\n")
     plot(cells, output_dir / ("trajectories.png" if name == "results" else f"{name}-trajectories.png"))
     return summary
@@ -425,7 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for seed in args.seeds:
                     print(f"[transfer] {attack} / {method} / seed {seed}", flush=True)
                     run_cell(args, attack, method, seed, dataset)
-                    report(args)
+                    report(args, keep_columns=True)
+        return report(args, keep_columns=True)
     return report(args)
 
 

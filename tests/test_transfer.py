@@ -228,6 +228,13 @@ def test_transfer_benchmark_end_to_end_on_the_fixture(tmp_path):
     tagged = json.loads((tmp_path / "out" / "cells" / "badnets" / "ft_base-adamw" / "seed0.json").read_text())
     assert tagged["baseline_kwargs"] == adamw
 
+    # A run of another attack adds its column to the report and keeps the columns it had.
+    transfer.main([*other[: other.index("badnets")], "blended", *other[other.index("badnets") + 1 :]])
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(report["ft_base"]) == {"badnets", "blended"} and set(report["medic_base"]) == {"badnets"}
+    narrowed = transfer.main([*other, "--report_only"])  # a report asked for one column gets that column
+    assert set(narrowed["ft_base"]) == {"badnets"}
+
 
 def test_ce_early_probe_gives_the_early_parameters_the_cross_entropy_gradient_alone(tmp_path):
     """benchmarks/transfer_probes.py ce_early: the early parameters' gradient is the cross-entropy's, computed here
