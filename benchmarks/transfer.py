@@ -432,9 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for seed in args.seeds:
                     print(f"[transfer] {attack} / {method} / seed {seed}", flush=True)
                     run_cell(args, attack, method, seed, dataset)
-                    report(args, keep_columns=True)
-        return report(args, keep_columns=True)
-    return report(args)
+                    report(args, keep_columns=True)  # after every cell: the report grows as the run goes
+    return report(args, keep_columns=not args.report_only)
 
 
 if __name__ == "__main__":

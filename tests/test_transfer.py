@@ -1,6 +1,5 @@
 """Transfer-learned teachers: the student starts from the trusted pretrained base, not from noise."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -196,10 +195,9 @@ def test_the_recipe_takes_student_name_or_path(tmp_path):
 def test_transfer_benchmark_end_to_end_on_the_fixture(tmp_path):
     """benchmarks/transfer.py on the tiny fixture: base, trojaned fine-tune, MEDIC from the base with its backdoor
     trajectory, fine-tuning the base alone, a report; a second call resumes (nothing is trained again)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
-    spec = importlib.util.spec_from_file_location("transfer_benchmark", script)
-    transfer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(transfer)
+    from tests.conftest import benchmark_script
+
+    transfer = benchmark_script("transfer")
     fixture = Path(__file__).resolve().parent / "fixtures" / "cifar_tiny"
     argv = [
         "--dataset_name", str(fixture), "--upstream_epochs", "1", "--downstream_epochs", "1",
