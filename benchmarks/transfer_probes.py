@@ -56,7 +56,7 @@ from medic_hf import MedicCloner  # noqa: E402
 from medic_hf.averaging import WeightAverage  # noqa: E402
 from medic_hf.config import BASE_FROZEN_FRACTION  # noqa: E402
 from medic_hf.data import load_image_dataset  # noqa: E402
-from medic_hf.modeling import load_model, make_student, student_from_base  # noqa: E402
+from medic_hf.modeling import forward_logits, load_model, make_student, student_from_base  # noqa: E402
 from medic_hf.neurons import early_modules  # noqa: E402
 from medic_hf.scripts.benchmark import evaluate  # noqa: E402
 
@@ -170,6 +170,87 @@ def swa_cloner(start: float):
     return build
 
 
+class AdversarialUnlearningCloner(MedicCloner):
+    """MedicCloner whose student also learns the labels of clean images carrying a universal adversarial perturbation
+    of the teacher (after I-BAU, Zeng et al., ICLR 2022, and SAU, Wei et al., NeurIPS 2023, which find such
+    perturbations on the model they purify). A trigger is an input-agnostic change that moves the trojaned model, so
+    the teacher's universal perturbation leans towards it; the student is taught to ignore it. Nothing of the trigger
+    is known: the perturbation is found on the clean batches alone.
+
+    One perturbation of the input's shape, kept across steps and moved by `steps` signed-gradient ascent steps of the
+    teacher's cross-entropy on each batch, bounded in L∞ by `epsilon` times the batch's per-channel standard
+    deviation (so the bound does not depend on the input normalisation); the student's cross-entropy on the
+    perturbed batch is added with weight `weight`. The clone loss stays on the clean batch only."""
+
+    def __init__(self, *args, epsilon: float, weight: float, steps: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adv_epsilon, self.adv_weight, self.adv_steps = epsilon, weight, steps
+        self.delta: torch.Tensor | None = None
+
+    def update_delta(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        bound = self.adv_epsilon * pixel_values.detach().float().std(dim=(0, 2, 3), keepdim=True)
+        if self.delta is None:
+            self.delta = torch.zeros_like(pixel_values[:1])
+        self.teacher_recorder.set_enabled(False)  # these forwards are not the clone loss's
+        try:
+            for _ in range(self.adv_steps):
+                delta = self.delta.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    logits = forward_logits(self.teacher, pixel_values.detach() + delta)
+                    (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels), delta)
+                step = self.delta + bound / 8 * grad.sign()
+                self.delta = torch.maximum(torch.minimum(step, bound), -bound).detach()
+        finally:
+            self.teacher_recorder.set_enabled(True)
+        return self.delta
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # One augmented view for both losses (float input goes through _model_input unchanged).
+        pixel_values = self._model_input(inputs["pixel_values"], train=True)
+        labels = inputs["labels"]
+        loss, outputs = super().compute_loss(
+            model, {**inputs, "pixel_values": pixel_values}, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        delta = self.update_delta(pixel_values, labels)
+        adversarial = F.cross_entropy(forward_logits(model, pixel_values + delta).float(), labels)
+        loss = loss + self.adv_weight * adversarial
+        return (loss, outputs) if return_outputs else loss
+
+
+def adversarial_cloner(epsilon: float, weight: float, steps: int):
+    def build(teacher, config, **kwargs) -> MedicCloner:
+        if config.mix_inputs != "none" or config.student_input_noise > 0:
+            raise SystemExit("adv_unlearn supports no mix_inputs and no student_input_noise")
+        return AdversarialUnlearningCloner(teacher, config, epsilon=epsilon, weight=weight, steps=steps, **kwargs)
+
+    return build
+
+
+class AugmentedCloner(MedicCloner):
+    """MedicCloner whose training batches also go through torchvision's TrivialAugmentWide (Müller & Hutter, ICCV
+    2021: one random colour or geometric operation per image, at a random strength) before the crop, flip and
+    normalisation; teacher and student see the same augmented image, as a consistent teacher should (Beyer et al.,
+    CVPR 2022). More distinct inputs for the clone loss, with nothing known of the trigger."""
+
+    def _model_input(self, pixel_values: torch.Tensor, *, train: bool) -> torch.Tensor:
+        if train:
+            if pixel_values.dtype != torch.uint8:
+                raise SystemExit("trivial_augment needs the clean set kept as uint8 on the device (the default)")
+            augment = self._trivial_augment
+            pixel_values = torch.stack([augment(image) for image in pixel_values])
+        return super()._model_input(pixel_values, train=train)
+
+    @property
+    def _trivial_augment(self):
+        if not hasattr(self, "_augment"):
+            from torchvision.transforms import v2
+
+            self._augment = v2.TrivialAugmentWide()
+        return self._augment
+
+
 def main() -> None:
     probe, argv = sys.argv[1], sys.argv[2:]
     if probe == "reset_teacher":
@@ -189,8 +270,22 @@ def main() -> None:
         known, rest = parser.parse_known_args(argv)
         transfer.MedicCloner = swa_cloner(known.swa_start)
         transfer.main(rest)
+    elif probe == "trivial_augment":
+        transfer.MedicCloner = AugmentedCloner
+        transfer.main(argv)
+    elif probe == "adv_unlearn":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--adv_epsilon", type=float, default=0.5, help="L-inf bound, in per-channel stds.")
+        parser.add_argument("--adv_weight", type=float, default=1.0, help="Weight of the perturbed cross-entropy.")
+        parser.add_argument("--adv_steps", type=int, default=1, help="Ascent steps on the perturbation per batch.")
+        known, rest = parser.parse_known_args(argv)
+        transfer.MedicCloner = adversarial_cloner(known.adv_epsilon, known.adv_weight, known.adv_steps)
+        transfer.main(rest)
     else:
-        raise SystemExit(f"unknown probe {probe!r}: use reset_teacher, hybrid, ce_early, fresh_head or swa")
+        raise SystemExit(
+            f"unknown probe {probe!r}: use reset_teacher, hybrid, ce_early, fresh_head, swa, adv_unlearn or "
+            "trivial_augment"
+        )
 
 
 if __name__ == "__main__":

@@ -305,3 +305,66 @@ def test_swa_probe_saves_the_plain_mean_of_the_second_half(tmp_path):
     assert not torch.allclose(snapshots.states[2]["fc.weight"], snapshots.states[3]["fc.weight"])  # it did train
     with pytest.raises(SystemExit, match="ema_decay"):
         probes.swa_cloner(0.5)(teacher, config(tmp_path, ema_decay=0.0), student=str(tmp_path / "base"))
+
+
+def test_adv_unlearn_probe_steps_the_universal_perturbation_and_adds_its_cross_entropy(tmp_path):
+    """benchmarks/transfer_probes.py adv_unlearn: from zero, one step moves the perturbation by bound / 8 times the
+    sign of the teacher's cross-entropy gradient (computed here by hand), it never leaves ±epsilon × the batch's
+    per-channel std, and the loss is MEDIC's plus weight × the student's cross-entropy on the perturbed batch."""
+    import torch.nn.functional as F
+
+    from medic_hf.modeling import forward_logits
+    from tests.conftest import benchmark_script
+
+    probes = benchmark_script("transfer_probes")
+    torch.manual_seed(0)
+    base, teacher = timm_resnet(num_classes=5), timm_resnet()
+    save_native(base, tmp_path / "base")
+    args = config(tmp_path, max_steps=1, clone_loss_weight=1e-6)  # the untrained models' clone loss is ~1e6
+    cloner = probes.adversarial_cloner(0.5, 2.0, 1)(fine_tuned(base, teacher), args, train_dataset=pixel_dataset(16),
+                                                    student=str(tmp_path / "base"))  # fmt: skip
+    cloner.train()  # the importance statistics, and one step (the perturbation moved once)
+    batch = next(iter(cloner.get_train_dataloader()))
+    x, y = batch["pixel_values"], batch["labels"]
+    bound = 0.5 * x.std(dim=(0, 2, 3), keepdim=True)
+
+    cloner.delta = None
+    zero = torch.zeros_like(x[:1]).requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(forward_logits(cloner.teacher, x + zero), y), zero)
+    assert torch.allclose(cloner.update_delta(x, y), bound / 8 * grad.sign())
+    for _ in range(12):
+        delta = cloner.update_delta(x, y)
+    assert (delta.abs() <= bound + 1e-6).all() and torch.isclose(delta.abs().amax(), bound.amax())
+
+    model = cloner.model.train()
+    torch.manual_seed(1)
+    got = cloner.compute_loss(model, batch)
+    moved = cloner.delta  # the step this loss took
+    torch.manual_seed(1)
+    medic = MedicCloner.compute_loss(cloner, model, batch)
+    expected = medic + 2.0 * F.cross_entropy(forward_logits(model, x + moved), y)
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert not torch.allclose(got, medic)
+
+
+def test_trivial_augment_probe_augments_each_training_image_before_the_crop(tmp_path):
+    """benchmarks/transfer_probes.py trivial_augment: in training each uint8 image goes through the augmentation, one
+    call per image, before the device transform; evaluation batches do not; float batches are refused."""
+    from tests.conftest import benchmark_script
+
+    probes = benchmark_script("transfer_probes")
+    calls = []
+
+    class Recorder(probes.AugmentedCloner):
+        def __init__(self):  # only _model_input is exercised: no Trainer is built
+            self._augment = lambda image: calls.append(image.clone()) or 255 - image
+            self.device_transform = lambda images, train: images.float()
+            self.args = MedicConfig(output_dir=str(tmp_path), augment=False)
+
+    cloner = Recorder()
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(cloner._model_input(images, train=True), (255 - images).float())
+    assert len(calls) == 3 and torch.equal(calls[1], images[1])
+    assert torch.equal(cloner._model_input(images, train=False), images.float()) and len(calls) == 3
+    with pytest.raises(SystemExit, match="uint8"):
+        cloner._model_input(images.float(), train=True)
