@@ -1,4 +1,4 @@
-"""Five probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
+"""Nine probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
 settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains them first):
 
 - `reset_teacher`: where each backdoor lives. The trojaned model with its first `--fraction` of conv / norm / linear
@@ -37,6 +37,30 @@ settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains th
           --output_dir benchmarks/results/transfer-set2 --methods medic_base --seeds 0 \\
           --attacks sig-half label_consistent --tag swa-lrconst \\
           --medic_kwargs '{"lr_scheduler_type": "constant_with_warmup"}'
+
+- `adv_unlearn`: MEDIC from the base whose student also learns the labels of the clean batch under a universal
+  adversarial perturbation of the teacher (after I-BAU and SAU), kept across steps, bounded by `--adv_epsilon` times
+  the batch's per-channel standard deviation (`AdversarialUnlearningCloner` says how):
+
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py adv_unlearn --adv_epsilon 0.5 \\
+          --output_dir benchmarks/results/transfer-set2 --methods medic_base --seeds 0 --attacks sig-half --tag adv0.5
+
+- `universal_perturbation`: whether such a perturbation points at the trigger, for the trojaned and the clean model
+  (one JSON line per attack, model and bound):
+
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py universal_perturbation --attacks sig-half badnets-5px
+
+- `trivial_augment`: MEDIC from the base with TrivialAugmentWide on each training image before the crop and flip,
+  teacher and student seeing the same image:
+
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py trivial_augment \\
+          --output_dir benchmarks/results/transfer-set2 --methods medic_base --seeds 0 --attacks sig-half --tag trivaug
+
+- `l2sp`: MEDIC from the base with the trained parameters pulled towards the base's values (L2-SP) with weight
+  `--alpha`, the classifier left out:
+
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py l2sp --alpha 0.01 --seeds 0 \\
+          --output_dir benchmarks/results/transfer-set2 --methods medic_base --attacks sig-half --tag l2sp0.01
 """
 
 from __future__ import annotations
@@ -55,7 +79,7 @@ import transfer  # noqa: E402
 from medic_hf import MedicCloner  # noqa: E402
 from medic_hf.averaging import WeightAverage  # noqa: E402
 from medic_hf.config import BASE_FROZEN_FRACTION  # noqa: E402
-from medic_hf.data import load_image_dataset  # noqa: E402
+from medic_hf.data import class_balanced_subset, load_image_dataset, prepare_for_model  # noqa: E402
 from medic_hf.modeling import forward_logits, load_model, make_student, student_from_base  # noqa: E402
 from medic_hf.neurons import early_modules  # noqa: E402
 from medic_hf.scripts.benchmark import evaluate  # noqa: E402
@@ -93,6 +117,57 @@ def reset_teacher(argv: list[str]) -> None:
             metrics = evaluate(teacher, data["test"], data["backdoor"], data["target"], 256)
             row = {"attack": attack, "fraction": fraction, **{k: round(100 * v, 2) for k, v in metrics.items()}}
             print(json.dumps(row), flush=True)
+
+
+def as_tensors(dataset, model) -> tuple[torch.Tensor, torch.Tensor]:
+    loader = torch.utils.data.DataLoader(prepare_for_model(dataset, model, train=False), batch_size=len(dataset))
+    batch = next(iter(loader))
+    return batch["pixel_values"], batch["labels"]
+
+
+def universal_perturbation(argv: list[str]) -> None:
+    """Does the teacher's universal adversarial perturbation point at its trigger? Found as `adv_unlearn` finds it
+    (signed steps of bound / 8 on the teacher's cross-entropy, 200 batches of 64 from the defender's clean set), for
+    the trojaned and the clean downstream model, then evaluated on 1,000 test images: clean accuracy, the share of
+    non-target images sent to the target class, and its cosine with the trigger's mean change of the input."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--attacks", nargs="+", default=transfer.DEFAULT_ATTACKS)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    args, rest = parser.parse_known_args(argv)
+    bench = transfer.make_parser().parse_args(rest)
+    dataset = load_image_dataset(bench.dataset_name)
+    torch.manual_seed(0)
+    for attack in args.attacks:
+        teacher_dir = transfer.downstream(bench, attack)
+        data = transfer.task_data(bench, dataset, teacher_dir)
+        clean = class_balanced_subset(data["train"], fraction=bench.clean_fraction, seed=0)
+        for name, folder in (("trojaned", teacher_dir), ("clean", transfer.downstream(bench, "none"))):
+            model = load_model(folder).eval().requires_grad_(False)
+            x, y = as_tensors(clean, model)
+            x_test, y_test = as_tensors(data["test"].select(range(1000)), model)
+            x_backdoor, _ = as_tensors(data["backdoor"].select(range(1000)), model)
+            trigger = (x_backdoor - x_test).mean(0)
+            for epsilon in args.epsilons:
+                bound = epsilon * x.std(dim=(0, 2, 3), keepdim=True)
+                delta = torch.zeros_like(x[:1])
+                for _ in range(200):
+                    index = torch.randint(0, len(x), (64,))
+                    delta.requires_grad_(True)
+                    loss = F.cross_entropy(forward_logits(model, x[index] + delta), y[index])
+                    (grad,) = torch.autograd.grad(loss, delta)
+                    delta = torch.clamp(delta.detach() + bound / 8 * grad.sign(), -bound, bound)
+                with torch.no_grad():
+                    predicted = forward_logits(model, x_test + delta).argmax(-1)
+                others = y_test != data["target"]
+                row = {
+                    "attack": attack,
+                    "model": name,
+                    "epsilon": epsilon,
+                    "clean_accuracy": round(100 * (predicted == y_test).float().mean().item(), 1),
+                    "to_target": round(100 * (predicted[others] == data["target"]).float().mean().item(), 1),
+                    "cosine_with_trigger": round(F.cosine_similarity(delta.flatten(), trigger.flatten(), 0).item(), 3),
+                }
+                print(json.dumps(row), flush=True)
 
 
 def with_base_defaults(config):
@@ -228,6 +303,38 @@ def adversarial_cloner(epsilon: float, weight: float, steps: int):
     return build
 
 
+class StartingPointCloner(MedicCloner):
+    """MedicCloner with L2-SP (Li, Grandvalet & Davoine, ICML 2018): the trained parameters are pulled towards the
+    values they started from (the base's), `alpha` / 2 · Σ (w − w_start)², instead of towards 0 only; the
+    classifier, made for other classes, is left out as in L2-SP."""
+
+    def __init__(self, *args, alpha: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        head = {id(p) for p in model.get_classifier().parameters()} if hasattr(model, "get_classifier") else set()
+        self.alpha = alpha
+        self.start = {
+            name: param.detach().clone()
+            for name, param in model.named_parameters()
+            if param.requires_grad and id(param) not in head
+        }
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            params = dict(self.accelerator.unwrap_model(model).named_parameters())
+            drift = sum(((params[name] - start) ** 2).sum() for name, start in self.start.items())
+            loss = loss + self.alpha / 2 * drift
+        return (loss, outputs) if return_outputs else loss
+
+
+def l2sp_cloner(alpha: float):
+    def build(teacher, config, **kwargs) -> MedicCloner:
+        return StartingPointCloner(teacher, config, alpha=alpha, **kwargs)
+
+    return build
+
+
 class AugmentedCloner(MedicCloner):
     """MedicCloner whose training batches also go through torchvision's TrivialAugmentWide (Müller & Hutter, ICCV
     2021: one random colour or geometric operation per image, at a random strength) before the crop, flip and
@@ -255,6 +362,8 @@ def main() -> None:
     probe, argv = sys.argv[1], sys.argv[2:]
     if probe == "reset_teacher":
         reset_teacher(argv)
+    elif probe == "universal_perturbation":
+        universal_perturbation(argv)
     elif probe == "hybrid":
         transfer.MedicCloner = hybrid_cloner
         transfer.main(argv)
@@ -270,6 +379,12 @@ def main() -> None:
         known, rest = parser.parse_known_args(argv)
         transfer.MedicCloner = swa_cloner(known.swa_start)
         transfer.main(rest)
+    elif probe == "l2sp":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--alpha", type=float, default=0.01, help="Weight of the pull towards the start.")
+        known, rest = parser.parse_known_args(argv)
+        transfer.MedicCloner = l2sp_cloner(known.alpha)
+        transfer.main(rest)
     elif probe == "trivial_augment":
         transfer.MedicCloner = AugmentedCloner
         transfer.main(argv)
@@ -283,8 +398,8 @@ def main() -> None:
         transfer.main(rest)
     else:
         raise SystemExit(
-            f"unknown probe {probe!r}: use reset_teacher, hybrid, ce_early, fresh_head, swa, adv_unlearn or "
-            "trivial_augment"
+            f"unknown probe {probe!r}: use reset_teacher, universal_perturbation, hybrid, ce_early, fresh_head, swa, "
+            "adv_unlearn, trivial_augment or l2sp"
         )
 
 

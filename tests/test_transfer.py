@@ -368,3 +368,37 @@ def test_trivial_augment_probe_augments_each_training_image_before_the_crop(tmp_
     assert torch.equal(cloner._model_input(images, train=False), images.float()) and len(calls) == 3
     with pytest.raises(SystemExit, match="uint8"):
         cloner._model_input(images.float(), train=True)
+
+
+def test_l2sp_probe_adds_the_pull_towards_the_starting_weights(tmp_path):
+    """benchmarks/transfer_probes.py l2sp: the loss is MEDIC's plus alpha / 2 times the squared distance of the trained
+    parameters from their starting (base) values, the classifier and the frozen modules left out; moving one weight
+    by 0.5 adds alpha / 2 · 0.25."""
+    from tests.conftest import benchmark_script
+
+    probes = benchmark_script("transfer_probes")
+    torch.manual_seed(0)
+    base, teacher = timm_resnet(num_classes=5), timm_resnet()
+    save_native(base, tmp_path / "base")
+    args = config(tmp_path, max_steps=1, clone_loss_weight=1e-6)  # the untrained models' clone loss is ~1e6
+    cloner = probes.l2sp_cloner(0.4)(fine_tuned(base, teacher), args, train_dataset=pixel_dataset(16),
+                                     student=str(tmp_path / "base"))  # fmt: skip
+    cloner.train()  # the importance statistics, and one step; then back to the starting weights
+    model = cloner.model.train()
+    with torch.no_grad():
+        for name, start in cloner.start.items():
+            model.get_parameter(name).copy_(start)
+    assert "fc.weight" not in cloner.start and "conv1.0.weight" not in cloner.start  # classifier; frozen stem
+    assert "layer4.0.conv2.weight" in cloner.start
+    batch = next(iter(cloner.get_train_dataloader()))
+    torch.manual_seed(1)
+    medic = MedicCloner.compute_loss(cloner, model, batch)
+    torch.manual_seed(1)
+    assert torch.allclose(cloner.compute_loss(model, batch), medic)  # at the start: no pull
+    with torch.no_grad():
+        model.get_parameter("layer4.0.conv2.weight")[0, 0, 0, 0] += 0.5
+        model.get_parameter("fc.weight")[0, 0] += 3.0  # the classifier: not pulled
+    torch.manual_seed(1)
+    medic = MedicCloner.compute_loss(cloner, model, batch)
+    torch.manual_seed(1)
+    assert torch.allclose(cloner.compute_loss(model, batch) - medic, torch.tensor(0.4 / 2 * 0.25), atol=1e-5)
