@@ -48,7 +48,9 @@ settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains th
 - `universal_perturbation`: whether such a perturbation points at the trigger, for the trojaned and the clean model
   (one JSON line per attack, model and bound):
 
-      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py universal_perturbation --attacks sig-half badnets-5px
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py universal_perturbation --epsilons 0.1 0.25 0.5 \\
+          --attacks sig-half badnets-5px blended label_consistent --output_dir benchmarks/results/transfer-set2 \\
+          | grep "^{" > benchmarks/results/transfer-set2/universal_perturbation.jsonl
 
 - `trivial_augment`: MEDIC from the base with TrivialAugmentWide on each training image before the crop and flip,
   teacher and student seeing the same image:
@@ -132,7 +134,7 @@ def universal_perturbation(argv: list[str]) -> None:
     non-target images sent to the target class, and its cosine with the trigger's mean change of the input."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--attacks", nargs="+", default=transfer.DEFAULT_ATTACKS)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     args, rest = parser.parse_known_args(argv)
     bench = transfer.make_parser().parse_args(rest)
     dataset = load_image_dataset(bench.dataset_name)
@@ -249,8 +251,9 @@ class AdversarialUnlearningCloner(MedicCloner):
     """MedicCloner whose student also learns the labels of clean images carrying a universal adversarial perturbation
     of the teacher (after I-BAU, Zeng et al., ICLR 2022, and SAU, Wei et al., NeurIPS 2023, which find such
     perturbations on the model they purify). A trigger is an input-agnostic change that moves the trojaned model, so
-    the teacher's universal perturbation leans towards it; the student is taught to ignore it. Nothing of the trigger
-    is known: the perturbation is found on the clean batches alone.
+    the teacher's universal perturbation may lean towards it, and the student is taught to ignore it (on the
+    benchmark's models it does not, but for Blended: `universal_perturbation`, docs/transfer.md). Nothing of the
+    trigger is known: the perturbation is found on the clean batches alone.
 
     One perturbation of the input's shape, kept across steps and moved by `steps` signed-gradient ascent steps of the
     teacher's cross-entropy on each batch, bounded in L∞ by `epsilon` times the batch's per-channel standard
