@@ -98,3 +98,40 @@ def test_sets_over_the_budget_keep_the_per_image_path(tmp_path):
     assert not isinstance(cloner.train_dataset, DeviceImageSet)
     with pytest.raises(ValueError, match="device_data"):
         MedicConfig(output_dir=str(tmp_path), device_data="always")
+
+
+def test_augment_policy_trivial_augments_each_training_image_first_on_both_paths(tmp_path):
+    """augment_policy='trivial': TrivialAugmentWide before the crop and flip, image by image, in training only, on
+    the device path (uint8 batches) and the per-image one (PIL)."""
+
+    def steps(**kwargs):
+        return [type(step).__name__ for step in build_transform(PREPROCESSING, **kwargs).transforms]
+
+    trivial = steps(train=True, policy="trivial")
+    assert trivial.index("TrivialAugmentWide") < trivial.index("RandomCrop")
+    assert "TrivialAugmentWide" not in steps(train=False, policy="trivial") + steps(train=True)
+
+    calls = []
+    device = DeviceBatchTransform(PREPROCESSING, policy="trivial")
+    device.trivial_augment = lambda image: calls.append(image.clone()) or torch.zeros_like(image)
+    images = torch.randint(1, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    device.pad = 0  # no crop: what comes out is what the augmentation gave, flipped or not
+    out = device(images, train=True)
+    assert len(calls) == 3 and torch.equal(calls[2], images[2])
+    assert torch.allclose(out, (torch.zeros(3, 3, 32, 32) - device.mean) / device.std)
+    assert torch.allclose(device(images, train=False), (images.float() - device.mean) / device.std) and len(calls) == 3
+    assert DeviceBatchTransform(PREPROCESSING).trivial_augment is None
+
+    for device_data in ("auto", "never"):
+        args = MedicConfig(output_dir=str(tmp_path / device_data), max_steps=2, per_device_train_batch_size=4,
+                           save_strategy="no", disable_tqdm=True, image_size=[32], device_data=device_data,
+                           augment_policy="trivial", max_accuracy_drop=None)  # fmt: skip
+        cloner = MedicCloner(timm_resnet(), args, train_dataset=image_dataset())
+        cloner.train()
+        assert (cloner.device_transform is not None) == (device_data == "auto")
+        if cloner.device_transform is not None:
+            assert cloner.device_transform.trivial_augment is not None
+        assert cloner.fingerprint()["settings"]["augment_policy"] == "trivial"
+        cloner.remove_hooks()
+    with pytest.raises(ValueError, match="augment_policy"):
+        MedicConfig(output_dir=str(tmp_path), augment_policy="randaugment")
