@@ -100,7 +100,7 @@ def test_sets_over_the_budget_keep_the_per_image_path(tmp_path):
         MedicConfig(output_dir=str(tmp_path), device_data="always")
 
 
-def test_augment_policy_trivial_augments_each_training_image_first_on_both_paths(tmp_path):
+def test_augment_policy_trivial_augments_each_training_image_first_on_both_paths(tmp_path, monkeypatch):
     """augment_policy='trivial': TrivialAugmentWide before the crop and flip, image by image, in training only, on
     the device path (uint8 batches) and the per-image one (PIL)."""
 
@@ -122,6 +122,11 @@ def test_augment_policy_trivial_augments_each_training_image_first_on_both_paths
     assert torch.allclose(device(images, train=False), (images.float() - device.mean) / device.std) and len(calls) == 3
     assert DeviceBatchTransform(PREPROCESSING).trivial_augment is None
 
+    import medic_hf.data._prepare as prepare
+
+    built = []  # the per-image path's transforms: (train, policy)
+    monkeypatch.setattr(prepare, "build_transform", lambda *a, **k: built.append((k["train"], k["policy"])) or
+                        build_transform(*a, **k))  # fmt: skip
     for device_data in ("auto", "never"):
         args = MedicConfig(output_dir=str(tmp_path / device_data), max_steps=2, per_device_train_batch_size=4,
                            save_strategy="no", disable_tqdm=True, image_size=[32], device_data=device_data,
@@ -132,6 +137,7 @@ def test_augment_policy_trivial_augments_each_training_image_first_on_both_paths
         if cloner.device_transform is not None:
             assert cloner.device_transform.trivial_augment is not None
         assert cloner.fingerprint()["settings"]["augment_policy"] == "trivial"
+        assert ((True, "trivial") in built) == (device_data == "never")
         cloner.remove_hooks()
     with pytest.raises(ValueError, match="augment_policy"):
         MedicConfig(output_dir=str(tmp_path), augment_policy="randaugment")
