@@ -332,46 +332,44 @@ def l2sp_cloner(alpha: float):
     return build
 
 
+def probe_options(probe: str) -> argparse.ArgumentParser:
+    """The probe's own flags; every other flag goes to `benchmarks/transfer.py`."""
+    parser = argparse.ArgumentParser(prog=f"transfer_probes.py {probe}")
+    if probe == "swa":
+        parser.add_argument("--swa_start", type=float, default=0.5, help="Fraction of the steps before averaging.")
+    elif probe == "l2sp":
+        parser.add_argument("--alpha", type=float, default=0.01, help="Weight of the pull towards the start.")
+    elif probe == "adv_unlearn":
+        parser.add_argument("--adv_epsilon", type=float, default=0.5, help="L-inf bound, in per-channel stds.")
+        parser.add_argument("--adv_weight", type=float, default=1.0, help="Weight of the perturbed cross-entropy.")
+        parser.add_argument("--adv_steps", type=int, default=1, help="Ascent steps on the perturbation per batch.")
+    return parser
+
+
+# The probes that run the benchmark with another MedicCloner: probe -> that cloner, from the probe's options.
+CLONERS = {
+    "hybrid": lambda options: hybrid_cloner,
+    "fresh_head": lambda options: fresh_head_cloner,
+    "ce_early": lambda options: ce_early_cloner,
+    "swa": lambda options: swa_cloner(options.swa_start),
+    "l2sp": lambda options: l2sp_cloner(options.alpha),
+    "adv_unlearn": lambda options: adversarial_cloner(options.adv_epsilon, options.adv_weight, options.adv_steps),
+}
+
+
 def main() -> None:
     probe, argv = sys.argv[1], sys.argv[2:]
     if probe == "reset_teacher":
         reset_teacher(argv)
     elif probe == "universal_perturbation":
         universal_perturbation(argv)
-    elif probe == "hybrid":
-        transfer.MedicCloner = hybrid_cloner
-        transfer.main(argv)
-    elif probe == "fresh_head":
-        transfer.MedicCloner = fresh_head_cloner
-        transfer.main(argv)
-    elif probe == "ce_early":
-        transfer.MedicCloner = ce_early_cloner
-        transfer.main(argv)
-    elif probe == "swa":
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--swa_start", type=float, default=0.5, help="Fraction of the steps before averaging.")
-        known, rest = parser.parse_known_args(argv)
-        transfer.MedicCloner = swa_cloner(known.swa_start)
-        transfer.main(rest)
-    elif probe == "l2sp":
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--alpha", type=float, default=0.01, help="Weight of the pull towards the start.")
-        known, rest = parser.parse_known_args(argv)
-        transfer.MedicCloner = l2sp_cloner(known.alpha)
-        transfer.main(rest)
-    elif probe == "adv_unlearn":
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--adv_epsilon", type=float, default=0.5, help="L-inf bound, in per-channel stds.")
-        parser.add_argument("--adv_weight", type=float, default=1.0, help="Weight of the perturbed cross-entropy.")
-        parser.add_argument("--adv_steps", type=int, default=1, help="Ascent steps on the perturbation per batch.")
-        known, rest = parser.parse_known_args(argv)
-        transfer.MedicCloner = adversarial_cloner(known.adv_epsilon, known.adv_weight, known.adv_steps)
+    elif probe in CLONERS:
+        options, rest = probe_options(probe).parse_known_args(argv)
+        transfer.MedicCloner = CLONERS[probe](options)
         transfer.main(rest)
     else:
-        raise SystemExit(
-            f"unknown probe {probe!r}: use reset_teacher, universal_perturbation, hybrid, ce_early, fresh_head, swa, "
-            "adv_unlearn or l2sp"
-        )
+        names = ", ".join(["reset_teacher", "universal_perturbation", *CLONERS])
+        raise SystemExit(f"unknown probe {probe!r}: use one of {names}")
 
 
 if __name__ == "__main__":
