@@ -1,4 +1,4 @@
-"""Eight probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
+"""Nine probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
 settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains them first):
 
 - `reset_teacher`: where each backdoor lives. The trojaned model with its first `--fraction` of conv / norm / linear
@@ -51,6 +51,12 @@ settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains th
       OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py universal_perturbation --epsilons 0.1 0.25 0.5 \\
           --attacks sig-half badnets-5px blended label_consistent --output_dir benchmarks/results/transfer-set2 \\
           | grep "^{" > benchmarks/results/transfer-set2/universal_perturbation.jsonl
+
+- `trivial_augment`: MEDIC from the base with TrivialAugmentWide on each training image before the crop and flip,
+  teacher and student seeing the same image:
+
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py trivial_augment \\
+          --output_dir benchmarks/results/transfer-set2 --methods medic_base --seeds 0 --attacks sig-half --tag trivaug
 
 - `l2sp`: MEDIC from the base with the trained parameters pulled towards the base's values (L2-SP) with weight
   `--alpha`, the classifier left out:
@@ -332,6 +338,29 @@ def l2sp_cloner(alpha: float):
     return build
 
 
+class AugmentedCloner(MedicCloner):
+    """MedicCloner whose training batches also go through torchvision's TrivialAugmentWide (Müller & Hutter, ICCV
+    2021: one random colour or geometric operation per image, at a random strength) before the crop, flip and
+    normalisation; teacher and student see the same augmented image, as a consistent teacher should (Beyer et al.,
+    CVPR 2022). More distinct inputs for the clone loss, with nothing known of the trigger."""
+
+    def _model_input(self, pixel_values: torch.Tensor, *, train: bool) -> torch.Tensor:
+        if train:
+            if pixel_values.dtype != torch.uint8:
+                raise SystemExit("trivial_augment needs the clean set kept as uint8 on the device (the default)")
+            augment = self._trivial_augment
+            pixel_values = torch.stack([augment(image) for image in pixel_values])
+        return super()._model_input(pixel_values, train=train)
+
+    @property
+    def _trivial_augment(self):
+        if not hasattr(self, "_augment"):
+            from torchvision.transforms import v2
+
+            self._augment = v2.TrivialAugmentWide()
+        return self._augment
+
+
 def probe_options(probe: str) -> argparse.ArgumentParser:
     """The probe's own flags; every other flag goes to `benchmarks/transfer.py`."""
     parser = argparse.ArgumentParser(prog=f"transfer_probes.py {probe}")
@@ -354,6 +383,7 @@ CLONERS = {
     "swa": lambda options: swa_cloner(options.swa_start),
     "l2sp": lambda options: l2sp_cloner(options.alpha),
     "adv_unlearn": lambda options: adversarial_cloner(options.adv_epsilon, options.adv_weight, options.adv_steps),
+    "trivial_augment": lambda options: AugmentedCloner,
 }
 
 

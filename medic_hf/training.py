@@ -40,7 +40,6 @@ from .modeling import forward_logits, model_family, num_classes, save_native
 logger = logging.get_logger(__name__)
 
 DEVICE_DATA_MODES = ("auto", "never")
-AUGMENT_POLICIES = ("none", "trivial")
 
 
 @dataclass
@@ -55,15 +54,6 @@ class ClassifierConfig(TrainingArguments):
             "help": "Random crop (padding 1/8 of the side) and horizontal flip on training images given as an image "
             "column, the usual CIFAR training transform of the papers and BackdoorBench. False feeds them with the "
             "evaluation preprocessing only. Rows of ready `pixel_values` are never augmented."
-        },
-    )
-    augment_policy: str = field(
-        default="none",
-        metadata={
-            "help": "Extra augmentation of each training image, before the crop and flip: 'trivial' "
-            "(torchvision's TrivialAugmentWide, Müller & Hutter 2021: one random colour or geometric operation per "
-            "image, at a random strength) or 'none'. In MEDIC the teacher and the student see the same augmented "
-            "image. Needs `augment`; rows of ready `pixel_values` are never augmented (docs/transfer.md)."
         },
     )
     image_size: list[int] | None = field(
@@ -134,8 +124,6 @@ class ClassifierConfig(TrainingArguments):
         super().__post_init__()
         if self.device_data not in DEVICE_DATA_MODES:
             raise ValueError(f"device_data={self.device_data!r}: choose 'auto' or 'never'.")
-        if self.augment_policy not in AUGMENT_POLICIES:
-            raise ValueError(f"augment_policy={self.augment_policy!r}: choose 'none' or 'trivial'.")
         if self.sgd_momentum < 0:
             raise ValueError("sgd_momentum must be >= 0.")
         if self.image_size is not None:
@@ -272,7 +260,6 @@ class ClassifierTrainer(Trainer):
             self.preprocessing_model,
             train=train,
             augment=self.args.augment,
-            augment_policy=getattr(self.args, "augment_policy", "none"),
             preprocessing=self.preprocessing,
             num_classes=self.num_classes,
             **self._preprocessing_options(),
@@ -285,8 +272,7 @@ class ClassifierTrainer(Trainer):
         if DeviceImageSet.nbytes(dataset, preprocessing) > self.args.device_data_max_mb * 2**20:
             logger.info(f"The data set ({len(dataset)} rows) exceeds device_data_max_mb: per-image loading.")
             return False
-        policy = getattr(self.args, "augment_policy", "none")
-        self.device_transform = DeviceBatchTransform(preprocessing, policy=policy)
+        self.device_transform = DeviceBatchTransform(preprocessing)
         keep_batches_on_device(self.args)
         return True
 
@@ -336,8 +322,6 @@ class ClassifierTrainer(Trainer):
         first = dataset[0][image_column]
         size = getattr(first, "size", None)  # PIL: (width, height)
         augment = f"random crop (padding {min(height, width) // 8}) + horizontal flip" if self.args.augment else "none"
-        if self.args.augment and getattr(self.args, "augment_policy", "none") == "trivial":
-            augment = f"TrivialAugmentWide, then {augment}"
         line = (
             f"{type(self).__name__} preprocessing of column '{image_column}': {channels}x{height}x{width}, "
             f"mean {_rounded(preprocessing['mean'])}, std {_rounded(preprocessing['std'])}, augmentation: {augment}"

@@ -347,6 +347,29 @@ def test_adv_unlearn_probe_steps_the_universal_perturbation_and_adds_its_cross_e
     assert not torch.allclose(got, medic)
 
 
+def test_trivial_augment_probe_augments_each_training_image_before_the_crop(tmp_path):
+    """benchmarks/transfer_probes.py trivial_augment: in training each uint8 image goes through the augmentation, one
+    call per image, before the device transform; evaluation batches do not; float batches are refused."""
+    from tests.conftest import benchmark_script
+
+    probes = benchmark_script("transfer_probes")
+    calls = []
+
+    class Recorder(probes.AugmentedCloner):
+        def __init__(self):  # only _model_input is exercised: no Trainer is built
+            self._augment = lambda image: calls.append(image.clone()) or 255 - image
+            self.device_transform = lambda images, train: images.float()
+            self.args = MedicConfig(output_dir=str(tmp_path), augment=False)
+
+    cloner = Recorder()
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(cloner._model_input(images, train=True), (255 - images).float())
+    assert len(calls) == 3 and torch.equal(calls[1], images[1])
+    assert torch.equal(cloner._model_input(images, train=False), images.float()) and len(calls) == 3
+    with pytest.raises(SystemExit, match="uint8"):
+        cloner._model_input(images.float(), train=True)
+
+
 def test_l2sp_probe_adds_the_pull_towards_the_starting_weights(tmp_path):
     """benchmarks/transfer_probes.py l2sp: the loss is MEDIC's plus alpha / 2 times the squared distance of the trained
     parameters from their starting (base) values, the classifier and the frozen modules left out; moving one weight

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import v2
 
 from ._columns import _integer_labels
 from ._prepare import collate_batch
@@ -97,21 +96,16 @@ class DeviceBatchTransform:
 
     Augmentation (per sample, as torchvision's `RandomCrop(size, padding=min(H, W) // 8)` + `RandomHorizontalFlip()`
     on PIL images): zero-pad by `pad` on every side, crop `H × W` at a random offset, flip half of the images. It
-    draws from torch's global generator of the batch's device, which the Trainer seeds. `policy="trivial"`
-    applies torchvision's TrivialAugmentWide to each uint8 image first.
+    draws from torch's global generator of the batch's device, which the Trainer seeds.
     """
 
-    def __init__(self, preprocessing: dict, policy: str = "none"):
+    def __init__(self, preprocessing: dict):
         channels, height, width = preprocessing["input_size"]
         self.pad = min(height, width) // 8
-        # TrivialAugmentWide draws one operation per call: called image by image, as the per-image path does.
-        self.trivial_augment = v2.TrivialAugmentWide() if policy == "trivial" else None
         self.mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, channels, 1, 1) * 255.0
         self.std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, channels, 1, 1) * 255.0
 
     def __call__(self, images: torch.Tensor, *, train: bool) -> torch.Tensor:
-        if train and self.trivial_augment is not None:
-            images = torch.stack([self.trivial_augment(image) for image in images])
         if train:
             images = random_crop_flip(images, self.pad)
         mean, std = self.mean.to(images.device), self.std.to(images.device)

@@ -61,7 +61,6 @@ def prepare_for_model(
     preprocessing: dict | None = None,
     num_classes: int | None = None,
     augment: bool = True,
-    augment_policy: str = "none",
     **overrides: Any,
 ) -> datasets.Dataset | torch.utils.data.Dataset:
     """:func:`prepare_dataset` for ``model``: the one place that decides how a data set is fed to a model, so the
@@ -69,10 +68,10 @@ def prepare_for_model(
 
     Runs :func:`find_columns`, :func:`resolve_preprocessing` (of ``model`` and ``image_processor``, with the
     ``overrides`` ``input_size`` / ``mean`` / ``std``; skipped when ``preprocessing`` is given), then
-    :func:`build_transform` (crop + flip only when ``train and augment``, after ``augment_policy``'s). Rows of
-    ready ``pixel_values`` need no preprocessing. Neither does a torch data set of tensors, so there a model whose
-    preprocessing is unknown (a plain PyTorch model) is no error: PIL items, if any, raise when read. An image
-    column raises :func:`resolve_preprocessing`'s ValueError at once, which says what to pass.
+    :func:`build_transform` (crop + flip only when ``train and augment``). Rows of ready ``pixel_values`` need no
+    preprocessing. Neither does a torch data set of tensors, so there a model whose preprocessing is unknown (a
+    plain PyTorch model) is no error: PIL items, if any, raise when read. An image column raises
+    :func:`resolve_preprocessing`'s ValueError at once, which says what to pass.
     """
     image_column = label_column = None
     if isinstance(dataset, datasets.Dataset):
@@ -87,7 +86,7 @@ def prepare_for_model(
                 raise
             # A torch data set of ready tensors needs no preprocessing; PIL items then raise a clear error.
         else:
-            transform = build_transform(preprocessing, train=train and augment, policy=augment_policy)
+            transform = build_transform(preprocessing, train=train and augment)
     return prepare_dataset(
         dataset, transform=transform, num_classes=num_classes, image_column=image_column, label_column=label_column
     )

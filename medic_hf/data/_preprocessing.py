@@ -189,24 +189,19 @@ def _as_chw(size: int | Sequence[int], channels: int = 3) -> tuple[int, int, int
     raise ValueError(f"input_size must be an int, (H, W) or (C, H, W); got {size}.")
 
 
-def build_transform(
-    preprocessing: dict, *, train: bool, policy: str = "none"
-) -> Callable[[Image.Image], torch.Tensor]:
+def build_transform(preprocessing: dict, *, train: bool) -> Callable[[Image.Image], torch.Tensor]:
     """A PIL image -> normalised float tensor ``[C, H, W]`` transform for ``preprocessing`` (see above).
 
     Eval: convert to RGB (or L for one channel), resize the shorter side to ``H / crop_pct`` and center-crop
     ``H x W`` (images already ``H x W`` pass unchanged, so 32x32 CIFAR is not cropped by a 0.9 crop_pct), to
     tensor, normalise. Train: the same resize, then ``RandomCrop(H, padding=H // 8)`` and
-    ``RandomHorizontalFlip()`` — the light augmentation MEDIC's cloning uses — then to tensor and normalise;
-    ``policy="trivial"`` puts ``TrivialAugmentWide()`` before the crop.
+    ``RandomHorizontalFlip()`` — the light augmentation MEDIC's cloning uses — then to tensor and normalise.
     """
     channels, height, width = preprocessing["input_size"]
     steps: list[Callable] = [
         ConvertMode("L" if channels == 1 else "RGB"),
         ResizeCenterCrop((height, width), preprocessing.get("crop_pct", 1.0), preprocessing.get("interpolation")),
     ]
-    if train and policy == "trivial":
-        steps.append(T.TrivialAugmentWide())
     if train:
         steps += [T.RandomCrop((height, width), padding=min(height, width) // 8), T.RandomHorizontalFlip()]
     steps += [T.ToTensor(), T.Normalize(preprocessing["mean"], preprocessing["std"])]
