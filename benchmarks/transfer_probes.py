@@ -138,7 +138,6 @@ def universal_perturbation(argv: list[str]) -> None:
     args, rest = parser.parse_known_args(argv)
     bench = transfer.make_parser().parse_args(rest)
     dataset = load_image_dataset(bench.dataset_name)
-    torch.manual_seed(0)
     for attack in args.attacks:
         teacher_dir = transfer.downstream(bench, attack)
         data = transfer.task_data(bench, dataset, teacher_dir)
@@ -147,9 +146,12 @@ def universal_perturbation(argv: list[str]) -> None:
             model = load_model(folder).eval().requires_grad_(False)
             x, y = as_tensors(clean, model)
             x_test, y_test = as_tensors(data["test"].select(range(1000)), model)
-            x_backdoor, _ = as_tensors(data["backdoor"].select(range(1000)), model)
-            trigger = (x_backdoor - x_test).mean(0)
+            # The backdoor view is the non-target test images, in order, stamped: each compared with itself.
+            x_others = x_test[y_test != data["target"]]
+            x_backdoor, _ = as_tensors(data["backdoor"].select(range(len(x_others))), model)
+            trigger = (x_backdoor - x_others).mean(0)
             for epsilon in args.epsilons:
+                torch.manual_seed(0)  # the same batches for every attack, model and bound
                 bound = epsilon * x.std(dim=(0, 2, 3), keepdim=True)
                 delta = torch.zeros_like(x[:1])
                 for _ in range(200):
