@@ -127,6 +127,12 @@ def as_tensors(dataset, model) -> tuple[torch.Tensor, torch.Tensor]:
     return batch["pixel_values"], batch["labels"]
 
 
+def trigger_change(x_test: torch.Tensor, y_test: torch.Tensor, x_backdoor: torch.Tensor, target: int) -> torch.Tensor:
+    """The trigger's mean change of the model's input. The backdoor view holds the test images of the other classes,
+    in order, stamped: each is compared with its own clean image, not with the test image at the same row."""
+    return (x_backdoor - x_test[y_test != target]).mean(0)
+
+
 def universal_perturbation(argv: list[str]) -> None:
     """Does the teacher's universal adversarial perturbation point at its trigger? Found as `adv_unlearn` finds it
     (signed steps of bound / 8 on the teacher's cross-entropy, 200 batches of 64 from the defender's clean set), for
@@ -146,10 +152,9 @@ def universal_perturbation(argv: list[str]) -> None:
             model = load_model(folder).eval().requires_grad_(False)
             x, y = as_tensors(clean, model)
             x_test, y_test = as_tensors(data["test"].select(range(1000)), model)
-            # The backdoor view is the non-target test images, in order, stamped: each compared with itself.
-            x_others = x_test[y_test != data["target"]]
-            x_backdoor, _ = as_tensors(data["backdoor"].select(range(len(x_others))), model)
-            trigger = (x_backdoor - x_others).mean(0)
+            others = int((y_test != data["target"]).sum())
+            x_backdoor, _ = as_tensors(data["backdoor"].select(range(others)), model)
+            trigger = trigger_change(x_test, y_test, x_backdoor, data["target"])
             for epsilon in args.epsilons:
                 torch.manual_seed(0)  # the same batches for every attack, model and bound
                 bound = epsilon * x.std(dim=(0, 2, 3), keepdim=True)

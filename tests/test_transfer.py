@@ -402,3 +402,16 @@ def test_l2sp_probe_adds_the_pull_towards_the_starting_weights(tmp_path):
     medic = MedicCloner.compute_loss(cloner, model, batch)
     torch.manual_seed(1)
     assert torch.allclose(cloner.compute_loss(model, batch) - medic, torch.tensor(0.4 / 2 * 0.25), atol=1e-5)
+
+
+def test_trigger_change_compares_each_backdoor_image_with_its_own_clean_image():
+    """benchmarks/transfer_probes.py universal_perturbation: the backdoor view leaves the target class out, so its
+    rows are the non-target test images; a constant stamp comes back exactly, whatever the images."""
+    from tests.conftest import benchmark_script
+
+    probes = benchmark_script("transfer_probes")
+    torch.manual_seed(0)
+    x_test, y_test = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 0, 2, 3, 0])
+    stamp = torch.randn(3, 4, 4)
+    x_backdoor = x_test[y_test != 0] + stamp
+    assert torch.allclose(probes.trigger_change(x_test, y_test, x_backdoor, target=0), stamp, atol=1e-6)
