@@ -74,6 +74,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transfer  # noqa: E402
@@ -127,6 +128,16 @@ def as_tensors(dataset, model) -> tuple[torch.Tensor, torch.Tensor]:
     return batch["pixel_values"], batch["labels"]
 
 
+def ascent_step(model, pixel_values: torch.Tensor, labels, delta: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """One signed-gradient ascent step of the model's cross-entropy on a universal perturbation (step bound / 8),
+    clamped to ±bound: how `adv_unlearn` and `universal_perturbation` both move it."""
+    delta = delta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(forward_logits(model, pixel_values.detach() + delta).float(), labels)
+        (grad,) = torch.autograd.grad(loss, delta)
+    return torch.clamp(delta.detach() + bound / 8 * grad.sign(), -bound, bound)
+
+
 def trigger_change(x_test: torch.Tensor, y_test: torch.Tensor, x_backdoor: torch.Tensor, target: int) -> torch.Tensor:
     """The trigger's mean change of the model's input. The backdoor view holds the test images of the other classes,
     in order, stamped: each is compared with its own clean image, not with the test image at the same row."""
@@ -161,10 +172,7 @@ def universal_perturbation(argv: list[str]) -> None:
                 delta = torch.zeros_like(x[:1])
                 for _ in range(200):
                     index = torch.randint(0, len(x), (64,))
-                    delta.requires_grad_(True)
-                    loss = F.cross_entropy(forward_logits(model, x[index] + delta), y[index])
-                    (grad,) = torch.autograd.grad(loss, delta)
-                    delta = torch.clamp(delta.detach() + bound / 8 * grad.sign(), -bound, bound)
+                    delta = ascent_step(model, x[index], y[index], delta, bound)
                 with torch.no_grad():
                     predicted = forward_logits(model, x_test + delta).argmax(-1)
                 others = y_test != data["target"]
@@ -279,12 +287,7 @@ class AdversarialUnlearningCloner(MedicCloner):
         self.teacher_recorder.set_enabled(False)  # these forwards are not the clone loss's
         try:
             for _ in range(self.adv_steps):
-                delta = self.delta.clone().requires_grad_(True)
-                with torch.enable_grad():
-                    logits = forward_logits(self.teacher, pixel_values.detach() + delta)
-                    (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels), delta)
-                step = self.delta + bound / 8 * grad.sign()
-                self.delta = torch.maximum(torch.minimum(step, bound), -bound).detach()
+                self.delta = ascent_step(self.teacher, pixel_values, labels, self.delta, bound)
         finally:
             self.teacher_recorder.set_enabled(True)
         return self.delta
@@ -351,21 +354,14 @@ class AugmentedCloner(MedicCloner):
     normalisation; teacher and student see the same augmented image, as a consistent teacher should (Beyer et al.,
     CVPR 2022). More distinct inputs for the clone loss, with nothing known of the trigger."""
 
+    _augment = v2.TrivialAugmentWide()  # stateless: one random operation drawn per call
+
     def _model_input(self, pixel_values: torch.Tensor, *, train: bool) -> torch.Tensor:
         if train:
             if pixel_values.dtype != torch.uint8:
                 raise SystemExit("trivial_augment needs the clean set kept as uint8 on the device (the default)")
-            augment = self._trivial_augment
-            pixel_values = torch.stack([augment(image) for image in pixel_values])
+            pixel_values = torch.stack([self._augment(image) for image in pixel_values])
         return super()._model_input(pixel_values, train=train)
-
-    @property
-    def _trivial_augment(self):
-        if not hasattr(self, "_augment"):
-            from torchvision.transforms import v2
-
-            self._augment = v2.TrivialAugmentWide()
-        return self._augment
 
 
 def probe_options(probe: str) -> argparse.ArgumentParser:
