@@ -77,6 +77,12 @@ ATTACK_FLAGS = {
 ATTACK_FLAGS["badnets-long"] = ATTACK_FLAGS["badnets"]
 ATTACK_FLAGS["badnets-5px"] = ["--attack", "badnets", "--attack_kwargs", '{"patch_size": 5}']
 ATTACK_FLAGS["sig-half"] = ["--attack", "sig", "--poison_rate", "0.1"]
+# Not in the default grid: a check of the defaults on a trigger of another kind (issue 17's unseen triggers).
+# `composite`: no pixel pattern; the co-occurrence of two benign classes (downstream 0 and 1, dog and frog) -> 2.
+ATTACK_FLAGS["composite"] = ["--attack", "composite"]
+# and a lower poison rate: 1% of the downstream training split (250 images) instead of 10%.
+ATTACK_FLAGS["badnets-5px-pr0.01"] = [*ATTACK_FLAGS["badnets-5px"], "--poison_rate", "0.01"]
+ATTACK_FLAGS["blended-pr0.01"] = ["--attack", "blended", "--poison_rate", "0.01"]
 ATTACK_EPOCH_FACTOR = {"badnets-long": 2}
 DEFAULT_ATTACKS = ["badnets-5px", "blended", "sig-half", "label_consistent"]
 
