@@ -401,7 +401,7 @@ def plot(cells: list[dict], path: Path) -> None:
             ax.plot(xs, ys, color=colours[c["method"]], ls=style, label=f"{c['method']} s{c['seed']}")
         ax.axhline(10, color="grey", lw=0.8, ls="--")
         ax.set(title=attack, xlabel="epoch", ylabel="ASR (%)", ylim=(0, 100))
-    axes[0][-1].legend(fontsize=6)
+        ax.legend(fontsize=6)  # each panel its own: a probe may run on one attack only
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
