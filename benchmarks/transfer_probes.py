@@ -163,8 +163,8 @@ def universal_perturbation(argv: list[str]) -> None:
             model = load_model(folder).eval().requires_grad_(False)
             x, y = as_tensors(clean, model)
             x_test, y_test = as_tensors(data["test"].select(range(1000)), model)
-            others = int((y_test != data["target"]).sum())
-            x_backdoor, _ = as_tensors(data["backdoor"].select(range(others)), model)
+            others = y_test != data["target"]  # the backdoor view's rows, in order
+            x_backdoor, _ = as_tensors(data["backdoor"].select(range(int(others.sum()))), model)
             trigger = trigger_change(x_test, y_test, x_backdoor, data["target"])
             for epsilon in args.epsilons:
                 torch.manual_seed(0)  # the same batches for every attack, model and bound
@@ -175,7 +175,6 @@ def universal_perturbation(argv: list[str]) -> None:
                     delta = ascent_step(model, x[index], y[index], delta, bound)
                 with torch.no_grad():
                     predicted = forward_logits(model, x_test + delta).argmax(-1)
-                others = y_test != data["target"]
                 row = {
                     "attack": attack,
                     "model": name,
