@@ -11,7 +11,9 @@
    - `medic`: MEDIC from scratch (the paper's method);
    - `clone_base`: plain cloning (τ = 0) from the base;
    - `ft_base`: fine-tuning the base (fresh classifier) on the clean set alone: needs no teacher at all;
-   - `ft`, `nad`, `anp`: the baselines on the trojaned model (`medic_hf.defenses`, the CPU preset's budgets);
+   - `ft`, `nad`, `anp`, `fp`: the baselines on the trojaned model (`medic_hf.defenses`, the CPU preset's budgets);
+     fine-pruning (`fp`) is the best defense of BackdoorBench's fine-tuned ViT-B/16 (docs/transfer.md), and NAD
+     needs convolutional feature maps, so on a ViT it stops with its error;
    - `clean_teacher`, a control and not a defense: MEDIC from the base cloning the clean downstream model, which
      never saw a trigger, scored on each attack's backdoor view: what MEDIC's own student scores without a backdoor.
    The MEDIC-style runs evaluate the clean accuracy and the ASR every `--eval_every` epochs on `--trace_samples`
@@ -49,11 +51,16 @@ from medic_hf.scripts.benchmark import evaluate
 from medic_hf.scripts.poison import select_classes
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["medic_base", "medic", "clone_base", "ft_base", "ft", "nad", "anp", "clean_teacher"]
+METHODS = ["medic_base", "medic", "clone_base", "ft_base", "ft", "nad", "anp", "fp", "clean_teacher"]
 TRAJECTORY_METHODS = {"medic_base", "medic", "clone_base", "clean_teacher"}
 FROM_BASE = {"medic_base", "clone_base", "clean_teacher"}
 # The CPU preset's budgets (recipes/benchmark_cpu.yaml): fine-tuning 30 epochs, ANP 200 mask steps.
-BASELINE_KWARGS = {"ft": {"num_train_epochs": 30}, "nad": {}, "anp": {"max_steps": 200}}
+BASELINE_KWARGS = {
+    "ft": {"num_train_epochs": 30},
+    "nad": {},
+    "anp": {"max_steps": 200},
+    "fp": {"num_train_epochs": 30},
+}
 ATTACK_FLAGS = {
     "badnets": ["--attack", "badnets"],
     "blended": ["--attack", "blended"],
@@ -107,7 +114,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--baseline_kwargs",
         default="{}",
-        help="JSON: config fields of the baselines (ft_base, ft, nad, anp), e.g. another optimiser for another "
+        help="JSON: config fields of the baselines (ft_base, ft, nad, anp, fp), e.g. another optimiser for another "
         "architecture; their cells then take --tag too.",
     )
     parser.add_argument("--tag", default="", help="Suffix of the cells' method names (another setting).")

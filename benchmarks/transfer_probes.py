@@ -1,10 +1,18 @@
-"""Nine probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
+"""Ten probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
 settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains them first):
 
 - `reset_teacher`: where each backdoor lives. The trojaned model with its first `--fraction` of conv / norm / linear
   modules (and every parameter before them) put back to the base's values, evaluated as it is (no training):
 
       python benchmarks/transfer_probes.py reset_teacher --attacks sig-half label_consistent
+
+- `delta_mask`: whether the backdoor lives in the part of the fine-tuning (Δ = trojaned − base) that matters least on
+  clean data: the trojaned model with all but the `--keeps` fraction of Δ of highest saliency on the defender's clean
+  set put back to the base's values (`fisher`: Δ² times the squared gradient; `magnitude`: |Δ|), or with Δ scaled by
+  it (`interpolate`), the classifier whole and batch-norm statistics recomputed on the clean set, no training:
+
+      python benchmarks/transfer_probes.py delta_mask --criteria fisher magnitude interpolate \\
+          --keeps 0 0.001 0.01 0.1 0.5 1.0 | grep "^{" > benchmarks/results/transfer-set2/delta_mask.jsonl
 
 - `hybrid`: MEDIC with a student whose first quarter is the base's (frozen, as this mode's default) and whose rest is
   freshly initialised, as in MEDIC from scratch; any other flag goes to `benchmarks/transfer.py` (tag its cells):
@@ -184,6 +192,100 @@ def universal_perturbation(argv: list[str]) -> None:
                     "cosine_with_trigger": round(F.cosine_similarity(delta.flatten(), trigger.flatten(), 0).item(), 3),
                 }
                 print(json.dumps(row), flush=True)
+
+
+def delta_saliency(teacher, base_state: dict, x: torch.Tensor, y: torch.Tensor, criterion: str) -> dict:
+    """Each parameter's share of the fine-tuning, scored on the defender's clean set: `magnitude` is |Δ| (as TIES and
+    DARE trim task vectors), `fisher` Δ² times the mean squared gradient of the clean loss at the teacher (the loss
+    that putting that value back to the base's would cost, to second order, as in Fisher merging)."""
+    delta = {n: (p.detach() - base_state[n]) for n, p in teacher.named_parameters()}
+    if criterion == "magnitude":
+        return {n: d.abs() for n, d in delta.items()}
+    squared = {n: torch.zeros_like(p) for n, p in teacher.named_parameters()}
+    teacher.eval()
+    for index in torch.arange(len(x)).split(32):
+        teacher.zero_grad()
+        F.cross_entropy(forward_logits(teacher, x[index]).float(), y[index]).backward()
+        for n, p in teacher.named_parameters():
+            squared[n] += p.grad.detach() ** 2
+    return {n: delta[n] ** 2 * squared[n] for n in delta}
+
+
+def recalibrate_norms(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Batch-norm statistics recomputed on the clean set (AdaBN): the teacher's do not fit a partly reset model."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative mean over the batches
+    model.train()
+    with torch.no_grad():
+        for index in torch.arange(len(x)).split(64):
+            forward_logits(model, x[index])
+    model.eval()
+
+
+def classifier_keys(model: torch.nn.Module) -> set[str]:
+    """The parameter names of a timm model's classifier (`get_classifier()`)."""
+    classifier = model.get_classifier()
+    return {f"{name}.{p}" for name, m in model.named_modules() if m is classifier for p, _ in m.named_parameters()}
+
+
+def keep_top_delta(model, base_state: dict, saliency: dict, head: set[str], keep: float, interpolate: bool):
+    """The model (the trojaned one) with all but the `keep` fraction of its parameters' fine-tuning of highest
+    saliency, counted over every parameter but the classifier's, put back to the base's values; or, with
+    `interpolate`, every parameter at base + keep · Δ. The classifier is left whole."""
+    scores = torch.cat([s.flatten() for n, s in saliency.items() if n not in head])
+    k = int(keep * len(scores))
+    threshold = scores.kthvalue(len(scores) - k).values if 0 < k < len(scores) else None
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in head or keep >= 1.0:
+                continue
+            if interpolate:
+                p.copy_(base_state[n] + keep * (p - base_state[n]))
+            elif threshold is None:  # keep 0: everything back to the base
+                p.copy_(base_state[n])
+            else:
+                reset = saliency[n] <= threshold
+                p[reset] = base_state[n][reset]
+    return model
+
+
+def delta_mask(argv: list[str]) -> None:
+    """The trojaned model with all but the top `--keep` fraction of its fine-tuning (Δ = teacher − base, by
+    `delta_saliency` over every parameter but the classifier's, which is kept whole) put back to the base's values,
+    batch-norm statistics recomputed on the clean set, no training: does the backdoor live in the part of the
+    fine-tuning that matters least on clean data? `interpolate` instead scales the whole fine-tuning by `keep`
+    (base + keep · Δ, the straight path between the base and the trojaned model)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--attacks", nargs="+", default=transfer.DEFAULT_ATTACKS)
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.0, 0.01, 0.03, 0.1, 0.3, 1.0])
+    parser.add_argument(
+        "--criteria", nargs="+", default=["fisher", "magnitude"], choices=["fisher", "magnitude", "interpolate"]
+    )
+    args, rest = parser.parse_known_args(argv)
+    bench = transfer.make_parser().parse_args(rest)
+    dataset = load_image_dataset(bench.dataset_name)
+    base_dir = transfer.upstream(bench)
+    for attack in args.attacks:
+        teacher_dir = transfer.downstream(bench, attack)
+        data = transfer.task_data(bench, dataset, teacher_dir)
+        teacher = load_model(teacher_dir)
+        base_state = student_from_base(base_dir, teacher, seed=0).state_dict()
+        x, y = as_tensors(class_balanced_subset(data["train"], fraction=bench.clean_fraction, seed=0), teacher)
+        head = classifier_keys(teacher)
+        for criterion in args.criteria:
+            interpolate = criterion == "interpolate"
+            saliency = delta_saliency(
+                load_model(teacher_dir), base_state, x, y, "magnitude" if interpolate else criterion
+            )
+            for keep in args.keeps:
+                model = keep_top_delta(load_model(teacher_dir), base_state, saliency, head, keep, interpolate)
+                if keep < 1.0:
+                    recalibrate_norms(model, x)
+                metrics = evaluate(model, data["test"], data["backdoor"], data["target"], 256)
+                row = {"attack": attack, "criterion": criterion, "keep": keep}
+                print(json.dumps({**row, **{k: round(100 * v, 2) for k, v in metrics.items()}}), flush=True)
 
 
 def with_base_defaults(config):
@@ -395,12 +497,14 @@ def main() -> None:
         reset_teacher(argv)
     elif probe == "universal_perturbation":
         universal_perturbation(argv)
+    elif probe == "delta_mask":
+        delta_mask(argv)
     elif probe in CLONERS:
         options, rest = probe_options(probe).parse_known_args(argv)
         transfer.MedicCloner = CLONERS[probe](options)
         transfer.main(rest)
     else:
-        names = ", ".join(["reset_teacher", "universal_perturbation", *CLONERS])
+        names = ", ".join(["reset_teacher", "universal_perturbation", "delta_mask", *CLONERS])
         raise SystemExit(f"unknown probe {probe!r}: use one of {names}")
 
 

@@ -1,5 +1,6 @@
 """Transfer-learned teachers: the student starts from the trusted pretrained base, not from noise."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -415,3 +416,84 @@ def test_trigger_change_compares_each_backdoor_image_with_its_own_clean_image():
     stamp = torch.randn(3, 4, 4)
     x_backdoor = x_test[y_test != 0] + stamp
     assert torch.allclose(probes.trigger_change(x_test, y_test, x_backdoor, target=0), stamp, atol=1e-6)
+
+
+class TinyClassifier(torch.nn.Module):
+    """A two-layer classifier with a batch norm, naming its classifier as timm does (`get_classifier`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.norm = torch.nn.Linear(2, 3, bias=False), torch.nn.BatchNorm1d(3)
+        self.head = torch.nn.Linear(3, 2)
+
+    def get_classifier(self):
+        return self.head
+
+    def forward(self, x):
+        return self.head(self.norm(self.body(x)))
+
+
+def test_delta_saliency_is_the_squared_change_times_the_summed_squared_gradient():
+    """benchmarks/transfer_probes.py delta_mask: one sample, a linear model: the gradient of the cross-entropy is
+    (softmax - one-hot) times the input, so the Fisher score is Δ² times its square, and the magnitude score |Δ|."""
+    from tests.conftest import benchmark_script
+
+    probes = benchmark_script("transfer_probes")
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    base = {"weight": torch.tensor([[0.5, 0.0], [0.0, 1.0]])}
+    x, y = torch.tensor([[1.0, 3.0]]), torch.tensor([0])
+    p = torch.softmax(torch.tensor([1.0, 6.0]), dim=0)
+    grad = torch.outer(p - torch.tensor([1.0, 0.0]), x[0])
+    delta = torch.tensor([[0.5, 0.0], [0.0, 1.0]])
+    fisher = probes.delta_saliency(model, base, x, y, "fisher")["weight"]
+    assert torch.allclose(fisher, delta**2 * grad**2, atol=1e-6)
+    assert torch.equal(probes.delta_saliency(model, base, x, y, "magnitude")["weight"], delta)
+
+
+def test_keep_top_delta_keeps_the_most_salient_changes_and_the_classifier():
+    """Twelve changed parameters outside the classifier: six norm ones of saliency 0.5, six body weights of 1..6.
+    Keeping a quarter keeps the three highest (k = int(0.25 * 12)); the classifier's change is kept whatever its
+    saliency; interpolation scales every change but the classifier's."""
+    from tests.conftest import benchmark_script
+
+    probes = benchmark_script("transfer_probes")
+    torch.manual_seed(0)
+    teacher = TinyClassifier()
+    base = {n: torch.zeros_like(p) for n, p in teacher.named_parameters()}
+    saliency = {n: torch.zeros_like(p) for n, p in teacher.named_parameters()}
+    saliency["body.weight"] = torch.arange(1.0, 7.0).reshape(3, 2)
+    saliency["norm.weight"] = saliency["norm.bias"] = torch.full((3,), 0.5)  # below every body weight
+    head = probes.classifier_keys(teacher)
+    assert head == {"head.weight", "head.bias"}
+    original = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+
+    model = probes.keep_top_delta(copy_of(teacher), base, saliency, head, 0.25, False)
+    expected_body = original["body.weight"] * (saliency["body.weight"] > 3)
+    assert torch.equal(model.body.weight, expected_body)
+    assert torch.equal(model.norm.weight, torch.zeros(3)) and torch.equal(model.head.weight, original["head.weight"])
+
+    halfway = probes.keep_top_delta(copy_of(teacher), base, saliency, head, 0.5, True)
+    assert torch.allclose(halfway.body.weight, 0.5 * original["body.weight"])
+    assert torch.equal(halfway.head.bias, original["head.bias"])
+
+
+def copy_of(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model)
+
+
+def test_recalibrate_norms_sets_the_batch_norm_statistics_to_the_clean_sets():
+    """The running mean and (unbiased) variance become those of the whole clean set, over batches of 64."""
+    from tests.conftest import benchmark_script
+
+    probes = benchmark_script("transfer_probes")
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    x = torch.randn(100, 2)
+    probes.recalibrate_norms(model, x)
+    features = model.body(x).detach()
+    first, second = features[:64], features[64:]
+    assert not model.training
+    assert torch.allclose(model.norm.running_mean, (first.mean(0) + second.mean(0)) / 2, atol=1e-5)
+    assert torch.allclose(model.norm.running_var, (first.var(0) + second.var(0)) / 2, atol=1e-5)
