@@ -1,4 +1,4 @@
-"""Ten probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
+"""Twelve probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
 settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains them first):
 
 - `reset_teacher`: where each backdoor lives. The trojaned model with its first `--fraction` of conv / norm / linear
@@ -13,6 +13,15 @@ settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains th
 
       python benchmarks/transfer_probes.py delta_mask --criteria fisher magnitude interpolate \\
           --keeps 0 0.001 0.01 0.1 0.5 1.0 | grep "^{" > benchmarks/results/transfer-set2/delta_mask.jsonl
+
+- `prune_dormant`: whether the backdoor lives in units quiet on clean data: the trojaned model with the `--ratios`
+  fraction of least active units of every module matching `--modules` pruned (fine-pruning on every hidden layer),
+  no training; and `pruned_teacher`, MEDIC from the base cloning the model so pruned at `--prune_ratio`:
+
+      python benchmarks/transfer_probes.py prune_dormant --attacks sig-half badnets-5px \\
+          | grep "^{" > benchmarks/results/transfer-set2/prune_dormant.jsonl
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py pruned_teacher --prune_ratio 0.2 \\
+          --output_dir benchmarks/results/transfer-set2 --methods medic_base --seeds 0 --attacks sig-half --tag prune0.2
 
 - `hybrid`: MEDIC with a student whose first quarter is the base's (frozen, as this mode's default) and whose rest is
   freshly initialised, as in MEDIC from scratch; any other flag goes to `benchmarks/transfer.py` (tag its cells):
@@ -77,6 +86,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -288,6 +298,73 @@ def delta_mask(argv: list[str]) -> None:
                 print(json.dumps({**row, **{k: round(100 * v, 2) for k, v in metrics.items()}}), flush=True)
 
 
+# A ViT's MLP hidden layers and a ResNet's first norm of each block: units that a zeroed weight row removes.
+PRUNED_MODULES = r"(mlp\.fc1|layer\d\.\d\.bn1)$"
+
+
+def unit_activity(model, modules: dict, x: torch.Tensor) -> dict:
+    """Each module's mean positive output per unit (its channels, dim 1 of a feature map, the last dim of tokens)
+    over the clean set: how active the unit that follows its activation is on clean data."""
+    sums, handles = {}, []
+
+    def record(name):
+        def hook(module, inputs, output):
+            dims = [d for d in range(output.ndim) if d != (1 if output.ndim == 4 else output.ndim - 1)]
+            sums[name] = sums.get(name, 0) + output.detach().clamp_min(0).mean(dim=dims) * len(output)
+
+        return hook
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_hook(record(name)))
+    model.eval()
+    with torch.no_grad():
+        for index in torch.arange(len(x)).split(64):
+            forward_logits(model, x[index])
+    for handle in handles:
+        handle.remove()
+    return {name: total / len(x) for name, total in sums.items()}
+
+
+def prune_least_active(modules: dict, activity: dict, ratio: float) -> None:
+    """Zero the `ratio` least active units of each module, weight rows and bias alike: after a batch norm or a linear
+    layer followed by ReLU or GELU, a unit at zero is removed (fine-pruning, Liu et al. RAID 2018, on every hidden
+    layer the pattern names instead of the last convolution only)."""
+    with torch.no_grad():
+        for name, module in modules.items():
+            pruned = activity[name].argsort()[: int(ratio * len(activity[name]))]
+            module.weight[pruned] = 0.0
+            if module.bias is not None:
+                module.bias[pruned] = 0.0
+
+
+def prune_dormant(argv: list[str]) -> None:
+    """The trojaned model with the least active units on the defender's clean set pruned in every module matching
+    `--modules` (a regex; the default names a ViT's MLP hidden layers and a ResNet's first norm of each block), at
+    each `--ratios` fraction, no training: does the backdoor live in units that are quiet on clean data?"""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--attacks", nargs="+", default=transfer.DEFAULT_ATTACKS)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.5, 0.7])
+    parser.add_argument("--modules", default=PRUNED_MODULES)
+    args, rest = parser.parse_known_args(argv)
+    bench = transfer.make_parser().parse_args(rest)
+    dataset = load_image_dataset(bench.dataset_name)
+    for attack in args.attacks:
+        teacher_dir = transfer.downstream(bench, attack)
+        data = transfer.task_data(bench, dataset, teacher_dir)
+        teacher = load_model(teacher_dir)
+        x, _ = as_tensors(class_balanced_subset(data["train"], fraction=bench.clean_fraction, seed=0), teacher)
+        pattern = re.compile(args.modules)
+        activity = unit_activity(teacher, {n: m for n, m in teacher.named_modules() if pattern.search(n)}, x)
+        if not activity:
+            raise SystemExit(f"--modules {args.modules!r} matches no module of {teacher_dir}")
+        for ratio in args.ratios:
+            model = load_model(teacher_dir)
+            prune_least_active({n: m for n, m in model.named_modules() if n in activity}, activity, ratio)
+            metrics = evaluate(model.eval(), data["test"], data["backdoor"], data["target"], 256)
+            row = {"attack": attack, "modules": args.modules, "ratio": ratio}
+            print(json.dumps({**row, **{k: round(100 * v, 2) for k, v in metrics.items()}}), flush=True)
+
+
 def with_base_defaults(config):
     """A student given as a module freezes nothing and does not warm up unless told: give it this mode's defaults,
     as a student given by its base's name or folder gets them."""
@@ -465,6 +542,24 @@ class AugmentedCloner(MedicCloner):
         return super()._model_input(pixel_values, train=train)
 
 
+def pruned_teacher_cloner(ratio: float, modules: str):
+    """MEDIC from the base cloning the trojaned model after `prune_least_active` at `ratio` in the modules matching
+    `modules`, activity measured on the cloner's clean set (prune, then clone)."""
+
+    def make(teacher, config, *, student=None, train_dataset=None, **kwargs) -> MedicCloner:
+        teacher = load_model(teacher)
+        based = student_from_base(student, teacher, seed=config.seed)
+        pattern = re.compile(modules)
+        matched = {n: m for n, m in teacher.named_modules() if pattern.search(n)}
+        x, _ = as_tensors(train_dataset, teacher)
+        prune_least_active(matched, unit_activity(teacher, matched, x), ratio)
+        return MedicCloner(
+            teacher.eval(), with_base_defaults(config), student=based, train_dataset=train_dataset, **kwargs
+        )
+
+    return make
+
+
 def probe_options(probe: str) -> argparse.ArgumentParser:
     """The probe's own flags; every other flag goes to `benchmarks/transfer.py`."""
     parser = argparse.ArgumentParser(prog=f"transfer_probes.py {probe}")
@@ -472,6 +567,11 @@ def probe_options(probe: str) -> argparse.ArgumentParser:
         parser.add_argument("--swa_start", type=float, default=0.5, help="Fraction of the steps before averaging.")
     elif probe == "l2sp":
         parser.add_argument("--alpha", type=float, default=0.01, help="Weight of the pull towards the start.")
+    elif probe == "pruned_teacher":
+        parser.add_argument("--prune_ratio", type=float, default=0.2, help="Fraction of each module's units pruned.")
+        parser.add_argument(
+            "--prune_modules", default=PRUNED_MODULES, help="Regex of the modules whose units are pruned."
+        )
     elif probe == "adv_unlearn":
         parser.add_argument("--adv_epsilon", type=float, default=0.5, help="L-inf bound, in per-channel stds.")
         parser.add_argument("--adv_weight", type=float, default=1.0, help="Weight of the perturbed cross-entropy.")
@@ -488,6 +588,7 @@ CLONERS = {
     "l2sp": lambda options: l2sp_cloner(options.alpha),
     "adv_unlearn": lambda options: adversarial_cloner(options.adv_epsilon, options.adv_weight, options.adv_steps),
     "trivial_augment": lambda options: AugmentedCloner,
+    "pruned_teacher": lambda options: pruned_teacher_cloner(options.prune_ratio, options.prune_modules),
 }
 
 
@@ -499,12 +600,14 @@ def main() -> None:
         universal_perturbation(argv)
     elif probe == "delta_mask":
         delta_mask(argv)
+    elif probe == "prune_dormant":
+        prune_dormant(argv)
     elif probe in CLONERS:
         options, rest = probe_options(probe).parse_known_args(argv)
         transfer.MedicCloner = CLONERS[probe](options)
         transfer.main(rest)
     else:
-        names = ", ".join(["reset_teacher", "universal_perturbation", "delta_mask", *CLONERS])
+        names = ", ".join(["reset_teacher", "universal_perturbation", "delta_mask", "prune_dormant", *CLONERS])
         raise SystemExit(f"unknown probe {probe!r}: use one of {names}")
 
 

@@ -497,3 +497,23 @@ def test_recalibrate_norms_sets_the_batch_norm_statistics_to_the_clean_sets():
     assert not model.training
     assert torch.allclose(model.norm.running_mean, (first.mean(0) + second.mean(0)) / 2, atol=1e-5)
     assert torch.allclose(model.norm.running_var, (first.var(0) + second.var(0)) / 2, atol=1e-5)
+
+
+def test_prune_least_active_zeroes_the_quietest_units_of_each_module():
+    """benchmarks/transfer_probes.py prune_dormant: a unit's activity is its mean positive output over the clean set
+    (tokens: the last dimension); pruning a third of three units zeroes the weight row and bias of the quietest."""
+    from tests.conftest import benchmark_script
+
+    probes = benchmark_script("transfer_probes")
+    layer = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+        layer.bias.zero_()
+    model = torch.nn.Sequential(layer)
+    x = torch.tensor([[[2.0, 1.0], [-1.0, 3.0]]])  # one image of two tokens
+    activity = probes.unit_activity(model, {"0": layer}, x)["0"]
+    # unit outputs per token: (2, 1, -2) and (-1, 3, 1); positive parts averaged over the two tokens
+    assert torch.allclose(activity, torch.tensor([1.0, 2.0, 0.5]))
+    probes.prune_least_active({"0": layer}, {"0": activity}, 1 / 3)
+    assert torch.equal(layer.weight[2], torch.zeros(2)) and layer.bias[2] == 0
+    assert torch.equal(layer.weight[:2], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
