@@ -21,7 +21,8 @@ settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains th
       python benchmarks/transfer_probes.py prune_dormant --attacks sig-half badnets-5px \\
           | grep "^{" > benchmarks/results/transfer-set2/prune_dormant.jsonl
       OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py pruned_teacher --prune_ratio 0.2 \\
-          --output_dir benchmarks/results/transfer-set2 --methods medic_base --seeds 0 --attacks sig-half --tag prune0.2
+          --output_dir benchmarks/results/transfer-set2 --methods medic_base --seeds 0 --attacks sig-half \\
+          --tag prune0.2
 
 - `hybrid`: MEDIC with a student whose first quarter is the base's (frozen, as this mode's default) and whose rest is
   freshly initialised, as in MEDIC from scratch; any other flag goes to `benchmarks/transfer.py` (tag its cells):
