@@ -38,7 +38,14 @@ from .modeling import (
     model_family,
     student_from_base,
 )
-from .neurons import NeuronRecorder, early_modules, freeze_early_modules, freeze_modules, per_sample
+from .neurons import (
+    NeuronRecorder,
+    attention_modules,
+    early_modules,
+    freeze_early_modules,
+    freeze_modules,
+    per_sample,
+)
 from .timing import StepTimer
 from .training import ClassifierTrainer, distillation_loss, random_state_kept
 
@@ -69,6 +76,7 @@ FINGERPRINT_SETTINGS = (
     "clone_logits",
     "target_modules",
     "exclude_modules",
+    "clone_attention",
     "frozen_fraction",
     "freeze_modules",
     "base_warmup",
@@ -218,6 +226,16 @@ class MedicCloner(ClassifierTrainer):
 
     # ------------------------------------------------------------------ set-up
 
+    def _attention_left_out(self, student: nn.Module) -> list[str]:
+        """The attention layers' modules, when they are not cloned (`clone_attention`)."""
+        clone = self.args.clone_attention
+        if clone if clone is not None else not self.student_base:
+            return []
+        names = attention_modules(student)
+        if names:
+            logger.info("Attention layers not cloned (clone_attention=%s): %d modules", clone, len(names))
+        return names
+
     def _setup_neurons(self, teacher: nn.Module, student: nn.Module) -> None:
         """Select, pair and hook the teacher's and the student's cloned modules, and check them once on two real
         samples (`ClonedNeurons`). Modules that cannot be cloned are left out, and the log says which."""
@@ -229,7 +247,7 @@ class MedicCloner(ClassifierTrainer):
             hook_layers=args.hook_layers,
             target_modules=args.target_modules,
             exclude_modules=args.exclude_modules,
-            skip_modules=self.frozen_modules,
+            skip_modules=self.frozen_modules + self._attention_left_out(student),
             clone_logits=args.clone_logits,
             require_grad=self.needs_teacher_grad,
             teacher_forward=partial(forward_logits, self.teacher),  # placed on the device, under autocast

@@ -178,6 +178,16 @@ class MedicConfig(ClassifierConfig):
         default=None,
         metadata={"help": "Never clone modules whose name ends with one of these suffixes, or matches this regex."},
     )
+    clone_attention: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Clone the outputs of the modules inside attention layers (query / key / value and output "
+            "projections; `medic_hf.neurons.attention_modules`). They still train. None: no when the student starts "
+            "from a trusted base given by name or folder (`student=`, --student_name_or_path), since on a ViT cloning "
+            "them carried most of a BadNets backdoor into the student (docs/transfer.md); yes otherwise (the paper). "
+            "A model without attention layers is unaffected."
+        },
+    )
     frozen_fraction: float | None = field(
         default=None,
         metadata={

@@ -86,6 +86,17 @@ def find_clone_modules(
     return found
 
 
+def attention_modules(model: nn.Module) -> list[str]:
+    """Names of the modules inside attention layers, in model order: every descendant of a module whose class name
+    contains "Attention" (timm's Attention and WindowAttention, transformers' ViTAttention, SwinAttention, ...), so
+    their query / key / value and output projections. A model without such layers (a ResNet, a ConvNeXt) has none."""
+    names: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if "attention" in type(module).__name__.lower():
+            names.update({f"{name}.{child}" if name else child: None for child, _ in module.named_modules() if child})
+    return list(names)
+
+
 def freeze_modules(model: nn.Module, patterns: list[str] | str) -> list[str]:
     """Stops training the parameters of every module whose name matches `patterns` (suffixes or one regex, as
     `target_modules`); returns the frozen parameters' names. A pattern that matches nothing is an error: a typo would

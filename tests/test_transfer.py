@@ -11,10 +11,10 @@ from transformers import ViTForImageClassification
 from medic_hf import MedicCloner, MedicConfig
 from medic_hf.config import BASE_FROZEN_FRACTION
 from medic_hf.modeling import save_native, student_from_base
-from medic_hf.neurons import freeze_early_modules
+from medic_hf.neurons import attention_modules, freeze_early_modules
 from medic_hf.scripts import clone
 from tests.conftest import calibrate, pixel_dataset
-from tests.tiny_models import hf_vit, timm_convnext, timm_resnet
+from tests.tiny_models import hf_vit, timm_convnext, timm_resnet, timm_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,6 +146,56 @@ def test_a_base_started_student_freezes_its_early_modules_by_default(tmp_path):
     assert chosen.args.warmup_steps == 3  # the user's warmup is kept
     with pytest.raises(ValueError, match="Give frozen_fraction or freeze_modules, not both"):
         config(tmp_path, frozen_fraction=0.5, freeze_modules=["layer1"])
+
+
+def test_attention_modules_are_the_projections_inside_attention_layers():
+    timm_names = attention_modules(timm_vit())
+    assert {"blocks.1.attn.qkv", "blocks.1.attn.proj"} <= set(timm_names)
+    assert not any("mlp" in name or "norm1" in name for name in timm_names)
+    vit = hf_vit()  # transformers names them q_proj ... o_proj, or query ... output.dense in older versions
+    hf_names = attention_modules(vit)
+    assert len(hf_names) >= 4 and set(hf_names) == {n for n, _ in vit.named_modules() if ".attention." in n}
+    assert attention_modules(timm_resnet()) == [] and attention_modules(timm_convnext()) == []
+
+
+@pytest.mark.parametrize("family", ["timm", "transformers"])
+def test_a_base_started_vit_clones_no_attention_layer_unless_told(family, tmp_path):
+    """This mode's default leaves the attention projections out of the clone loss (they still train); the paper's
+    student, built without a base, clones them, and so does `clone_attention=True`."""
+    torch.manual_seed(0)
+    make = timm_vit if family == "timm" else hf_vit
+    base, teacher = make(), make()
+    save_native(base, tmp_path / "base")
+    teacher = fine_tuned(base, teacher)
+    attention = set(attention_modules(teacher))
+    data = pixel_dataset(16)
+    default = MedicCloner(teacher, config(tmp_path), train_dataset=data, student=str(tmp_path / "base"))
+    told = MedicCloner(
+        teacher, config(tmp_path, clone_attention=True), train_dataset=data, student=str(tmp_path / "base")
+    )
+    paper = MedicCloner(teacher, config(tmp_path), train_dataset=data)
+    assert not attention & set(default.cloned_modules)
+    assert attention & set(told.cloned_modules) and attention & set(paper.cloned_modules)
+    assert set(told.cloned_modules) - set(default.cloned_modules) == attention & set(told.cloned_modules)
+    trained = {n for n, p in default.model.named_parameters() if p.requires_grad}
+    assert any(".attn." in n or ".attention." in n for n in trained)  # left out of the loss, not frozen
+
+
+def test_clone_attention_changes_nothing_on_a_model_without_attention(tmp_path):
+    torch.manual_seed(0)
+    base, teacher = timm_resnet(num_classes=5), timm_resnet()
+    save_native(base, tmp_path / "base")
+    teacher = fine_tuned(base, teacher)
+    clones = [
+        MedicCloner(
+            teacher,
+            config(tmp_path, clone_attention=flag),
+            train_dataset=pixel_dataset(16),
+            student=str(tmp_path / "base"),
+        ).cloned_modules
+        for flag in (None, True)
+    ]
+    assert clones[0] == clones[1]
 
 
 def test_early_lr_scale_trains_and_clones_the_early_modules_slower(tmp_path):
