@@ -229,12 +229,14 @@ class MedicCloner(ClassifierTrainer):
     def _attention_left_out(self, student: nn.Module) -> list[str]:
         """The attention layers' modules, when they are not cloned (`clone_attention`)."""
         clone = self.args.clone_attention
-        if clone if clone is not None else not self.student_base:
-            return []
-        names = attention_modules(student)
-        if names:
-            logger.info("Attention layers not cloned (clone_attention=%s): %d modules", clone, len(names))
-        return names
+        if clone is None:  # the paper clones them; a student from a trusted base does not (docs/transfer.md)
+            clone = not self.student_base
+        self.attention_left_out = [] if clone else attention_modules(student)
+        if self.attention_left_out:
+            logger.info(
+                "Attention layers not cloned (clone_attention=False): %d modules", len(self.attention_left_out)
+            )
+        return self.attention_left_out
 
     def _setup_neurons(self, teacher: nn.Module, student: nn.Module) -> None:
         """Select, pair and hook the teacher's and the student's cloned modules, and check them once on two real
@@ -712,6 +714,7 @@ class MedicCloner(ClassifierTrainer):
             "hook_layers": ",".join(a.hook_layers),
             "clone_logits": a.clone_logits,
             "frozen_modules": len(self.frozen_modules),
+            "attention_modules_not_cloned": len(self.attention_left_out),
             "freeze_modules": a.freeze_modules,
             "early_lr_scale": a.early_lr_scale,
             "cloned_modules": len(self.teacher_recorder.modules),

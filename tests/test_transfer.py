@@ -175,6 +175,8 @@ def test_a_base_started_vit_clones_no_attention_layer_unless_told(family, tmp_pa
     )
     paper = MedicCloner(teacher, config(tmp_path), train_dataset=data)
     assert not attention & set(default.cloned_modules)
+    assert default.hyperparameters()["attention_modules_not_cloned"] == len(attention)  # on the card
+    assert told.hyperparameters()["attention_modules_not_cloned"] == 0
     assert attention & set(told.cloned_modules) and attention & set(paper.cloned_modules)
     assert set(told.cloned_modules) - set(default.cloned_modules) == attention & set(told.cloned_modules)
     trained = {n for n, p in default.model.named_parameters() if p.requires_grad}
