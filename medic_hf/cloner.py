@@ -231,17 +231,16 @@ class MedicCloner(ClassifierTrainer):
         clone = self.args.clone_attention
         if clone is None:  # the paper clones them; a student from a trusted base does not (docs/transfer.md)
             clone = not self.student_base
-        self.attention_left_out = [] if clone else attention_modules(student)
-        if self.attention_left_out:
-            logger.info(
-                "Attention layers not cloned (clone_attention=False): %d modules", len(self.attention_left_out)
-            )
-        return self.attention_left_out
+        names = [] if clone else attention_modules(student)
+        if names:
+            logger.info("Attention layers not cloned (clone_attention=False): %d modules", len(names))
+        return names
 
     def _setup_neurons(self, teacher: nn.Module, student: nn.Module) -> None:
         """Select, pair and hook the teacher's and the student's cloned modules, and check them once on two real
         samples (`ClonedNeurons`). Modules that cannot be cloned are left out, and the log says which."""
         args = self.args
+        self.attention_left_out = self._attention_left_out(student)
         self.needs_teacher_grad = args.importance in ("both", "impact") and args.effective_impact_temperature > 0
         self.neurons = ClonedNeurons(
             teacher,
@@ -249,7 +248,7 @@ class MedicCloner(ClassifierTrainer):
             hook_layers=args.hook_layers,
             target_modules=args.target_modules,
             exclude_modules=args.exclude_modules,
-            skip_modules=self.frozen_modules + self._attention_left_out(student),
+            skip_modules=self.frozen_modules + self.attention_left_out,
             clone_logits=args.clone_logits,
             require_grad=self.needs_teacher_grad,
             teacher_forward=partial(forward_logits, self.teacher),  # placed on the device, under autocast
