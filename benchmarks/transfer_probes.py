@@ -122,17 +122,23 @@ def copy_keys(target: torch.nn.Module, source: torch.nn.Module, keys: set[str]) 
     return target
 
 
-def reset_teacher(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser()
+def each_attack(argv: list[str], parser: argparse.ArgumentParser):
+    """The evaluation probes' set-up: the probe's own flags (`parser`, given `--attacks` here), the benchmark's (the
+    rest); then, per attack, yields both, the attack, its trojaned model's folder and its data (`task_data`)."""
     parser.add_argument("--attacks", nargs="+", default=transfer.DEFAULT_ATTACKS)
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25])
     args, rest = parser.parse_known_args(argv)
     bench = transfer.make_parser().parse_args(rest)
     dataset = load_image_dataset(bench.dataset_name)
-    base = load_model(transfer.upstream(bench))
     for attack in args.attacks:
         teacher_dir = transfer.downstream(bench, attack)
-        data = transfer.task_data(bench, dataset, teacher_dir)
+        yield args, bench, attack, teacher_dir, transfer.task_data(bench, dataset, teacher_dir)
+
+
+def reset_teacher(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25])
+    for args, bench, attack, teacher_dir, data in each_attack(argv, parser):
+        base = load_model(transfer.upstream(bench))
         for fraction in [0.0, *args.fractions]:
             teacher = load_model(teacher_dir)
             teacher = copy_keys(teacher, base, early_keys(teacher, fraction)).eval()
@@ -169,14 +175,8 @@ def universal_perturbation(argv: list[str]) -> None:
     the trojaned and the clean downstream model, then evaluated on 1,000 test images: clean accuracy, the share of
     non-target images sent to the target class, and its cosine with the trigger's mean change of the input."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--attacks", nargs="+", default=transfer.DEFAULT_ATTACKS)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.25, 0.5])
-    args, rest = parser.parse_known_args(argv)
-    bench = transfer.make_parser().parse_args(rest)
-    dataset = load_image_dataset(bench.dataset_name)
-    for attack in args.attacks:
-        teacher_dir = transfer.downstream(bench, attack)
-        data = transfer.task_data(bench, dataset, teacher_dir)
+    for args, bench, attack, teacher_dir, data in each_attack(argv, parser):
         clean = class_balanced_subset(data["train"], fraction=bench.clean_fraction, seed=0)
         for name, folder in (("trojaned", teacher_dir), ("clean", transfer.downstream(bench, "none"))):
             model = load_model(folder).eval().requires_grad_(False)
@@ -269,20 +269,13 @@ def delta_mask(argv: list[str]) -> None:
     fine-tuning that matters least on clean data? `interpolate` instead scales the whole fine-tuning by `keep`
     (base + keep · Δ, the straight path between the base and the trojaned model)."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--attacks", nargs="+", default=transfer.DEFAULT_ATTACKS)
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.0, 0.01, 0.03, 0.1, 0.3, 1.0])
     parser.add_argument(
         "--criteria", nargs="+", default=["fisher", "magnitude"], choices=["fisher", "magnitude", "interpolate"]
     )
-    args, rest = parser.parse_known_args(argv)
-    bench = transfer.make_parser().parse_args(rest)
-    dataset = load_image_dataset(bench.dataset_name)
-    base_dir = transfer.upstream(bench)
-    for attack in args.attacks:
-        teacher_dir = transfer.downstream(bench, attack)
-        data = transfer.task_data(bench, dataset, teacher_dir)
+    for args, bench, attack, teacher_dir, data in each_attack(argv, parser):
         teacher = load_model(teacher_dir)
-        base_state = student_from_base(base_dir, teacher, seed=0).state_dict()
+        base_state = student_from_base(transfer.upstream(bench), teacher, seed=0).state_dict()
         x, y = as_tensors(class_balanced_subset(data["train"], fraction=bench.clean_fraction, seed=0), teacher)
         head = classifier_keys(teacher)
         for criterion in args.criteria:
@@ -343,15 +336,9 @@ def prune_dormant(argv: list[str]) -> None:
     `--modules` (a regex; the default names a ViT's MLP hidden layers and a ResNet's first norm of each block), at
     each `--ratios` fraction, no training: does the backdoor live in units that are quiet on clean data?"""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--attacks", nargs="+", default=transfer.DEFAULT_ATTACKS)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.5, 0.7])
     parser.add_argument("--modules", default=PRUNED_MODULES)
-    args, rest = parser.parse_known_args(argv)
-    bench = transfer.make_parser().parse_args(rest)
-    dataset = load_image_dataset(bench.dataset_name)
-    for attack in args.attacks:
-        teacher_dir = transfer.downstream(bench, attack)
-        data = transfer.task_data(bench, dataset, teacher_dir)
+    for args, bench, attack, teacher_dir, data in each_attack(argv, parser):
         teacher = load_model(teacher_dir)
         x, _ = as_tensors(class_balanced_subset(data["train"], fraction=bench.clean_fraction, seed=0), teacher)
         pattern = re.compile(args.modules)
