@@ -102,6 +102,7 @@ from medic_hf import MedicCloner  # noqa: E402
 from medic_hf.averaging import WeightAverage  # noqa: E402
 from medic_hf.config import BASE_FROZEN_FRACTION  # noqa: E402
 from medic_hf.data import class_balanced_subset, load_image_dataset, prepare_for_model  # noqa: E402
+from medic_hf.defenses._training import recompute_batchnorm  # noqa: E402
 from medic_hf.modeling import forward_logits, load_model, make_student, student_from_base  # noqa: E402
 from medic_hf.neurons import early_modules  # noqa: E402
 from medic_hf.scripts.benchmark import evaluate  # noqa: E402
@@ -223,15 +224,9 @@ def delta_saliency(teacher, base_state: dict, x: torch.Tensor, y: torch.Tensor, 
 
 
 def recalibrate_norms(model: torch.nn.Module, x: torch.Tensor) -> None:
-    """Batch-norm statistics recomputed on the clean set (AdaBN): the teacher's do not fit a partly reset model."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative mean over the batches
-    model.train()
-    with torch.no_grad():
-        for index in torch.arange(len(x)).split(64):
-            forward_logits(model, x[index])
+    """Batch-norm statistics recomputed on the clean set in batches of 64 (AdaBN), the model left in eval mode: the
+    teacher's statistics do not fit a partly reset model."""
+    recompute_batchnorm(model, x.split(64))
     model.eval()
 
 
@@ -296,6 +291,12 @@ def delta_mask(argv: list[str]) -> None:
 PRUNED_MODULES = r"(mlp\.fc1|layer\d\.\d\.bn1)$"
 
 
+def matching_modules(model: torch.nn.Module, pattern: str) -> dict:
+    """Name -> module for every module whose name the regex `pattern` finds (`re.search`)."""
+    regex = re.compile(pattern)
+    return {n: m for n, m in model.named_modules() if regex.search(n)}
+
+
 def unit_activity(model, modules: dict, x: torch.Tensor) -> dict:
     """Each module's mean positive output per unit (its channels, dim 1 of a feature map, the last dim of tokens)
     over the clean set: how active the unit that follows its activation is on clean data."""
@@ -341,8 +342,7 @@ def prune_dormant(argv: list[str]) -> None:
     for args, bench, attack, teacher_dir, data in each_attack(argv, parser):
         teacher = load_model(teacher_dir)
         x, _ = as_tensors(class_balanced_subset(data["train"], fraction=bench.clean_fraction, seed=0), teacher)
-        pattern = re.compile(args.modules)
-        activity = unit_activity(teacher, {n: m for n, m in teacher.named_modules() if pattern.search(n)}, x)
+        activity = unit_activity(teacher, matching_modules(teacher, args.modules), x)
         if not activity:
             raise SystemExit(f"--modules {args.modules!r} matches no module of {teacher_dir}")
         for ratio in args.ratios:
@@ -537,8 +537,7 @@ def pruned_teacher_cloner(ratio: float, modules: str):
     def make(teacher, config, *, student=None, train_dataset=None, **kwargs) -> MedicCloner:
         teacher = load_model(teacher)
         based = student_from_base(student, teacher, seed=config.seed)
-        pattern = re.compile(modules)
-        matched = {n: m for n, m in teacher.named_modules() if pattern.search(n)}
+        matched = matching_modules(teacher, modules)
         x, _ = as_tensors(train_dataset, teacher)
         prune_least_active(matched, unit_activity(teacher, matched, x), ratio)
         return MedicCloner(
@@ -580,22 +579,25 @@ CLONERS = {
 }
 
 
+# The probes that evaluate models without running the benchmark: probe -> its function of the command line.
+EVALUATIONS = {
+    "reset_teacher": reset_teacher,
+    "universal_perturbation": universal_perturbation,
+    "delta_mask": delta_mask,
+    "prune_dormant": prune_dormant,
+}
+
+
 def main() -> None:
     probe, argv = sys.argv[1], sys.argv[2:]
-    if probe == "reset_teacher":
-        reset_teacher(argv)
-    elif probe == "universal_perturbation":
-        universal_perturbation(argv)
-    elif probe == "delta_mask":
-        delta_mask(argv)
-    elif probe == "prune_dormant":
-        prune_dormant(argv)
+    if probe in EVALUATIONS:
+        EVALUATIONS[probe](argv)
     elif probe in CLONERS:
         options, rest = probe_options(probe).parse_known_args(argv)
         transfer.MedicCloner = CLONERS[probe](options)
         transfer.main(rest)
     else:
-        names = ", ".join(["reset_teacher", "universal_perturbation", "delta_mask", "prune_dormant", *CLONERS])
+        names = ", ".join([*EVALUATIONS, *CLONERS])
         raise SystemExit(f"unknown probe {probe!r}: use one of {names}")
 
 
