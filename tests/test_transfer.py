@@ -14,7 +14,7 @@ from medic_hf.modeling import save_native, student_from_base
 from medic_hf.neurons import attention_modules, freeze_early_modules
 from medic_hf.scripts import clone
 from tests.conftest import calibrate, pixel_dataset
-from tests.tiny_models import hf_vit, timm_convnext, timm_resnet, timm_vit
+from tests.tiny_models import hf_swin, hf_vit, timm_convnext, timm_resnet, timm_swin, timm_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,15 +155,18 @@ def test_attention_modules_are_the_projections_inside_attention_layers():
     vit = hf_vit()  # transformers names them q_proj ... o_proj, or query ... output.dense in older versions
     hf_names = attention_modules(vit)
     assert len(hf_names) >= 4 and set(hf_names) == {n for n, _ in vit.named_modules() if ".attention." in n}
+    assert {"layers.1.blocks.0.attn.qkv", "layers.1.blocks.0.attn.proj"} <= set(attention_modules(timm_swin()))
+    hf_swin_names = attention_modules(hf_swin())  # SwinAttention, windowed, with its relative position bias
+    assert any(name.endswith("attention.q_proj") or name.endswith("self.query") for name in hf_swin_names)
+    assert not any("intermediate" in name or "layernorm" in name for name in hf_swin_names)
     assert attention_modules(timm_resnet()) == [] and attention_modules(timm_convnext()) == []
 
 
-@pytest.mark.parametrize("family", ["timm", "transformers"])
-def test_a_base_started_vit_clones_no_attention_layer_unless_told(family, tmp_path):
+@pytest.mark.parametrize("make", [timm_vit, hf_vit, timm_swin, hf_swin])
+def test_a_base_started_vit_or_swin_clones_no_attention_layer_unless_told(make, tmp_path):
     """This mode's default leaves the attention projections out of the clone loss (they still train); the paper's
     student, built without a base, clones them, and so does `clone_attention=True`."""
     torch.manual_seed(0)
-    make = timm_vit if family == "timm" else hf_vit
     base, teacher = make(), make()
     save_native(base, tmp_path / "base")
     teacher = fine_tuned(base, teacher)
