@@ -1,4 +1,4 @@
-"""Twelve probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
+"""Thirteen probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
 settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains them first):
 
 - `reset_teacher`: where each backdoor lives. The trojaned model with its first `--fraction` of conv / norm / linear
@@ -81,6 +81,14 @@ settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains th
 
       OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py l2sp --alpha 0.01 --seeds 0 \\
           --output_dir benchmarks/results/transfer-set2 --methods medic_base --attacks sig-half --tag l2sp0.01
+
+- `pooled`: MEDIC from the base whose clone loss compares each channel's mean over the positions (pixels, tokens)
+  instead of every position (`pooled_clone_loss`): the student must match what the teacher's channels say about the
+  image, not where, so a detector of a local trigger need not be copied position by position:
+
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py pooled --poison_config \\
+          recipes/poison_cifar10_swin_adamw.yaml --downstream_lr 5e-4 --models_dir runs/transfer-swin --tag pooled \\
+          --output_dir benchmarks/results/transfer-swin --methods medic_base --seeds 0 --attacks badnets-5px
 """
 
 from __future__ import annotations
@@ -90,6 +98,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -99,10 +108,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transfer  # noqa: E402
 
 from medic_hf import MedicCloner  # noqa: E402
+from medic_hf import cloner as cloner_module  # noqa: E402
 from medic_hf.averaging import WeightAverage  # noqa: E402
 from medic_hf.config import BASE_FROZEN_FRACTION  # noqa: E402
 from medic_hf.data import class_balanced_subset, load_image_dataset, prepare_for_model  # noqa: E402
 from medic_hf.defenses._training import recompute_batchnorm  # noqa: E402
+from medic_hf.importance import layer_clone_loss  # noqa: E402
 from medic_hf.modeling import forward_logits, load_model, make_student, student_from_base  # noqa: E402
 from medic_hf.neurons import early_modules  # noqa: E402
 from medic_hf.scripts.benchmark import evaluate  # noqa: E402
@@ -547,6 +558,26 @@ def pruned_teacher_cloner(ratio: float, modules: str):
     return make
 
 
+def pooled_clone_loss(teacher: torch.Tensor, student: torch.Tensor, std: torch.Tensor, weights: torch.Tensor):
+    """Eq. 1 on each channel's mean over its positions: Σ_c W_c ((mean f*_c − mean f^c_c) / σ_c)², W_c the channel's
+    weights summed over its positions (the same total weight). The positions are the dimensions over which σ is
+    shared (`stats_granularity="channel"`); a layer with one value per channel, (B, C), is unchanged. Returns (B,)."""
+    dims = [d for d in range(1, teacher.ndim) if std.shape[d] == 1]
+    if not dims:
+        return layer_clone_loss(teacher, student, std, weights)
+    channel_weights = weights.reshape(teacher.shape).sum(dim=dims)
+    d = ((teacher.mean(dim=dims) - student.mean(dim=dims)) / std.mean(dim=dims)).pow(2)
+    return (channel_weights * d).flatten(1).sum(dim=1)
+
+
+class PooledCloner(MedicCloner):
+    """MedicCloner whose clone loss is `pooled_clone_loss`; the importance weights are computed as usual."""
+
+    def compute_loss(self, *args, **kwargs):
+        with mock.patch.object(cloner_module, "layer_clone_loss", pooled_clone_loss):
+            return super().compute_loss(*args, **kwargs)
+
+
 def probe_options(probe: str) -> argparse.ArgumentParser:
     """The probe's own flags; every other flag goes to `benchmarks/transfer.py`."""
     parser = argparse.ArgumentParser(prog=f"transfer_probes.py {probe}")
@@ -576,6 +607,7 @@ CLONERS = {
     "adv_unlearn": lambda options: adversarial_cloner(options.adv_epsilon, options.adv_weight, options.adv_steps),
     "trivial_augment": lambda options: AugmentedCloner,
     "pruned_teacher": lambda options: pruned_teacher_cloner(options.prune_ratio, options.prune_modules),
+    "pooled": lambda options: PooledCloner,
 }
 
 

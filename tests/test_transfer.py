@@ -572,3 +572,41 @@ def test_prune_least_active_zeroes_the_quietest_units_of_each_module():
     probes.prune_least_active({"0": layer}, {"0": activity}, 1 / 3)
     assert torch.equal(layer.weight[2], torch.zeros(2)) and layer.bias[2] == 0
     assert torch.equal(layer.weight[:2], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+
+def test_pooled_clone_loss_compares_each_channels_mean_over_its_positions():
+    """benchmarks/transfer_probes.py pooled: two tokens x two channels, teacher [[1, 2], [3, 4]], student 0, σ 1,
+    weights [[.1, .2], [.3, .4]]: channel means 2 and 3, channel weights .4 and .6, so .4·4 + .6·9 = 7.0 (the
+    per-position loss would be .1 + .8 + 2.7 + 6.4 = 10.0); a (B, C) layer keeps Eq. 1."""
+    from tests.conftest import benchmark_script
+
+    probes = benchmark_script("transfer_probes")
+    teacher, std = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]), torch.ones(1, 1, 2)
+    weights = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    pooled = probes.pooled_clone_loss(teacher, torch.zeros_like(teacher), std, weights)
+    assert torch.allclose(pooled, torch.tensor([7.0]))
+    assert torch.allclose(
+        probes.layer_clone_loss(teacher, torch.zeros_like(teacher), std, weights), torch.tensor([10.0])
+    )
+    flat, flat_std = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]])
+    assert torch.allclose(probes.pooled_clone_loss(flat, torch.zeros_like(flat), flat_std, weights[:, :2]),
+                          torch.tensor([0.1 * 1 + 0.2 * 1]))  # fmt: skip
+
+
+def test_pooled_probe_trains_a_swin_from_its_base(tmp_path):
+    from tests.conftest import benchmark_script
+
+    probes = benchmark_script("transfer_probes")
+    torch.manual_seed(0)
+    base, teacher = timm_swin(num_classes=5), timm_swin()
+    save_native(base, tmp_path / "base")
+    cloner = probes.PooledCloner(fine_tuned(base, teacher), config(tmp_path), train_dataset=pixel_dataset(16),
+                                 student=str(tmp_path / "base"))  # fmt: skip
+    cloner.train()
+    batch = next(iter(cloner.get_train_dataloader()))
+    model = cloner.model.train()
+    torch.manual_seed(1)
+    pooled = cloner.compute_loss(model, batch)
+    torch.manual_seed(1)
+    plain = MedicCloner.compute_loss(cloner, model, batch)
+    assert torch.isfinite(pooled) and pooled < plain  # a mean over positions is matched more easily than each one
