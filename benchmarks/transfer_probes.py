@@ -98,7 +98,6 @@ import json
 import re
 import sys
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +107,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transfer  # noqa: E402
 
 from medic_hf import MedicCloner  # noqa: E402
-from medic_hf import cloner as cloner_module  # noqa: E402
 from medic_hf.averaging import WeightAverage  # noqa: E402
 from medic_hf.config import BASE_FROZEN_FRACTION  # noqa: E402
 from medic_hf.data import class_balanced_subset, load_image_dataset, prepare_for_model  # noqa: E402
@@ -149,8 +147,10 @@ def each_attack(argv: list[str], parser: argparse.ArgumentParser):
 def reset_teacher(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25])
+    base = None
     for args, bench, attack, teacher_dir, data in each_attack(argv, parser):
-        base = load_model(transfer.upstream(bench))
+        if base is None:  # loaded once: every attack's teacher was fine-tuned from the same base
+            base = load_model(transfer.upstream(bench))
         for fraction in [0.0, *args.fractions]:
             teacher = load_model(teacher_dir)
             teacher = copy_keys(teacher, base, early_keys(teacher, fraction)).eval()
@@ -573,9 +573,7 @@ def pooled_clone_loss(teacher: torch.Tensor, student: torch.Tensor, std: torch.T
 class PooledCloner(MedicCloner):
     """MedicCloner whose clone loss is `pooled_clone_loss`; the importance weights are computed as usual."""
 
-    def compute_loss(self, *args, **kwargs):
-        with mock.patch.object(cloner_module, "layer_clone_loss", pooled_clone_loss):
-            return super().compute_loss(*args, **kwargs)
+    layer_clone_loss = staticmethod(pooled_clone_loss)
 
 
 def probe_options(probe: str) -> argparse.ArgumentParser:

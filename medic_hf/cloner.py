@@ -138,6 +138,10 @@ class MedicCloner(ClassifierTrainer):
         base_model_name: the teacher's name or id, for the model card (default: read from the model).
     """
 
+    # One layer's term of Eq. 1, per sample; a subclass may compare the layers otherwise (benchmarks/transfer_probes.py
+    # pooled compares each channel's mean over its positions).
+    layer_clone_loss = staticmethod(layer_clone_loss)
+
     def __init__(
         self,
         model: nn.Module | str,
@@ -415,7 +419,8 @@ class MedicCloner(ClassifierTrainer):
         ce = self._label_loss(logits.float(), labels)
         clone = logits.new_zeros(labels.shape[0], dtype=torch.float32)
         for name, (teacher_f, w) in targets.items():
-            clone = clone + layer_clone_loss(teacher_f, student_activations[name].float(), self.stats.std[name], w)
+            student_f = student_activations[name].float()
+            clone = clone + self.layer_clone_loss(teacher_f, student_f, self.stats.std[name], w)
         clone = clone.mean()
         loss = ce + self.current_clone_loss_weight() * clone
         if not torch.isfinite(loss):
