@@ -83,8 +83,10 @@ settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains th
           --output_dir benchmarks/results/transfer-set2 --methods medic_base --attacks sig-half --tag l2sp0.01
 
 - `pooled`: MEDIC from the base whose clone loss compares each channel's mean over the positions (pixels, tokens)
-  instead of every position (`pooled_clone_loss`): the student must match what the teacher's channels say about the
-  image, not where, so a detector of a local trigger need not be copied position by position:
+  instead of every position (`medic_hf.importance.pooled_clone_loss`): the student must match what the teacher's
+  channels say about the image, not where, so a detector of a local trigger need not be copied position by position.
+  Now `MedicConfig(clone_positions="mean")`, except that the probe averages a ViT's class token with its patch tokens
+  (same results elsewhere):
 
       OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py pooled --poison_config \\
           recipes/poison_cifar10_swin_adamw.yaml --downstream_lr 5e-4 --models_dir runs/transfer-swin --tag pooled \\
@@ -111,7 +113,7 @@ from medic_hf.averaging import WeightAverage  # noqa: E402
 from medic_hf.config import BASE_FROZEN_FRACTION  # noqa: E402
 from medic_hf.data import class_balanced_subset, load_image_dataset, prepare_for_model  # noqa: E402
 from medic_hf.defenses._training import recompute_batchnorm  # noqa: E402
-from medic_hf.importance import layer_clone_loss  # noqa: E402
+from medic_hf.importance import pooled_clone_loss  # noqa: E402
 from medic_hf.modeling import forward_logits, load_model, make_student, student_from_base  # noqa: E402
 from medic_hf.neurons import early_modules  # noqa: E402
 from medic_hf.scripts.benchmark import evaluate  # noqa: E402
@@ -558,20 +560,9 @@ def pruned_teacher_cloner(ratio: float, modules: str):
     return make
 
 
-def pooled_clone_loss(teacher: torch.Tensor, student: torch.Tensor, std: torch.Tensor, weights: torch.Tensor):
-    """Eq. 1 on each channel's mean over its positions: Σ_c W_c ((mean f*_c − mean f^c_c) / σ_c)², W_c the channel's
-    weights summed over its positions (the same total weight). The positions are the dimensions over which σ is
-    shared (`stats_granularity="channel"`); a layer with one value per channel, (B, C), is unchanged. Returns (B,)."""
-    dims = [d for d in range(1, teacher.ndim) if std.shape[d] == 1]
-    if not dims:
-        return layer_clone_loss(teacher, student, std, weights)
-    channel_weights = weights.reshape(teacher.shape).sum(dim=dims)
-    d = ((teacher.mean(dim=dims) - student.mean(dim=dims)) / std.mean(dim=dims)).pow(2)
-    return (channel_weights * d).flatten(1).sum(dim=1)
-
-
 class PooledCloner(MedicCloner):
-    """MedicCloner whose clone loss is `pooled_clone_loss`; the importance weights are computed as usual."""
+    """MedicCloner whose clone loss is `pooled_clone_loss` with no prefix token kept: a ViT's class token is averaged
+    with its patch tokens (`clone_positions="mean"` keeps it, the first probe did not)."""
 
     layer_clone_loss = staticmethod(pooled_clone_loss)
 

@@ -27,7 +27,7 @@ from .averaging import WeightAverage
 from .cloned_neurons import ClonedNeurons
 from .config import BASE_FROZEN_FRACTION, MedicConfig
 from .hub import _hub_repo_id, build_model_card, public_name, push_folder_to_hub
-from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss
+from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss, pooled_clone_loss
 from .metrics import metric_name
 from .mixing import mix_batch
 from .modeling import (
@@ -45,6 +45,7 @@ from .neurons import (
     freeze_early_modules,
     freeze_modules,
     per_sample,
+    prefix_tokens,
 )
 from .timing import StepTimer
 from .training import ClassifierTrainer, distillation_loss, random_state_kept
@@ -82,6 +83,7 @@ FINGERPRINT_SETTINGS = (
     "base_warmup",
     "early_lr_scale",
     "stats_granularity",
+    "clone_positions",
     "sigma_floor",
     "coupled_weight_decay",
     "sgd_momentum",
@@ -138,10 +140,6 @@ class MedicCloner(ClassifierTrainer):
         base_model_name: the teacher's name or id, for the model card (default: read from the model).
     """
 
-    # One layer's term of Eq. 1, per sample; a subclass may compare the layers otherwise (benchmarks/transfer_probes.py
-    # pooled compares each channel's mean over its positions).
-    layer_clone_loss = staticmethod(layer_clone_loss)
-
     def __init__(
         self,
         model: nn.Module | str,
@@ -170,6 +168,7 @@ class MedicCloner(ClassifierTrainer):
             teacher = load_model(model, trust_remote_code=trust_remote_code) if isinstance(model, str) else model
             teacher.eval().requires_grad_(False)
             self.teacher = teacher
+            self.num_prefix_tokens = prefix_tokens(teacher)  # kept per token by clone_positions="mean"
             self.dataset_name = dataset_name
             self.resumed_from: str | None = None
             self.warnings: list[str] = []
@@ -394,6 +393,13 @@ class MedicCloner(ClassifierTrainer):
         if self.args.logit_distillation > 0:  # only _label_loss reads them
             self._teacher_logits = (logits[:1] if one_sample else logits).detach().float()
         return targets
+
+    def layer_clone_loss(self, teacher: torch.Tensor, student: torch.Tensor, std: torch.Tensor, weights: torch.Tensor):
+        """One layer's term of the clone loss, per sample (B,): Eq. 1 at every position, or on each channel's mean
+        over its positions (`clone_positions="mean"`)."""
+        if self.args.clone_positions == "mean":
+            return pooled_clone_loss(teacher, student, std, weights, self.num_prefix_tokens)
+        return layer_clone_loss(teacher, student, std, weights)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """L = CE(student(x), y) + λ · mean over the batch of Σ_layers Σ_i w_i ((f*_i − f^c_i)/σ_i)²."""
@@ -724,6 +730,7 @@ class MedicCloner(ClassifierTrainer):
             "cloned_modules": len(self.teacher_recorder.modules),
             "left_out_modules": len(self.left_out_modules),
             "stats_granularity": a.stats_granularity,
+            "clone_positions": a.clone_positions,
             "augment (crop + flip)": a.augment,
             "sigma_floor": a.sigma_floor,
             "optimizer": self.optimizer_description(),

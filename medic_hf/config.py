@@ -9,6 +9,7 @@ from .training import ClassifierConfig
 IMPORTANCE_MODES = ("both", "activation", "impact", "none")
 HOOK_LAYER_KINDS = ("conv", "norm", "linear")
 STATS_GRANULARITIES = ("channel", "neuron")
+CLONE_POSITIONS = ("each", "mean")
 IMPACT_SCALES = ("sigma", "rms")
 CLONE_LOSS_SCHEDULES = ("constant", "cosine")
 MIX_INPUTS = ("none", "mixup", "cutmix")
@@ -232,6 +233,16 @@ class MedicConfig(ClassifierConfig):
             "choices": list(STATS_GRANULARITIES),
         },
     )
+    clone_positions: str = field(
+        default="each",
+        metadata={
+            "help": "'each': Eq. 1 at every position (pixel, token) of a layer (the paper); 'mean': Eq. 1 on each "
+            "channel's mean over its positions, the channel weighted by its importance weights summed over them, "
+            "so the student matches what a channel says about the image, not where. Prefix tokens (a ViT's class "
+            "token) keep Eq. 1. Needs stats_granularity='channel'. See docs/transfer.md.",
+            "choices": list(CLONE_POSITIONS),
+        },
+    )
     sigma_floor: float = field(
         default=1e-2,
         metadata={
@@ -292,6 +303,12 @@ class MedicConfig(ClassifierConfig):
             raise ValueError(f"impact_scale={self.impact_scale!r}: choose one of {IMPACT_SCALES}.")
         if self.stats_granularity not in STATS_GRANULARITIES:
             raise ValueError(f"stats_granularity={self.stats_granularity!r}: choose one of {STATS_GRANULARITIES}.")
+        if self.clone_positions not in CLONE_POSITIONS:
+            raise ValueError(f"clone_positions={self.clone_positions!r}: choose one of {CLONE_POSITIONS}.")
+        if self.clone_positions == "mean" and self.stats_granularity != "channel":
+            raise ValueError(
+                "clone_positions='mean' averages the positions that share a σ: set stats_granularity='channel'."
+            )
         if isinstance(self.hook_layers, str):
             self.hook_layers = [kind.strip() for kind in self.hook_layers.split(",") if kind.strip()]
         unknown = set(self.hook_layers) - set(HOOK_LAYER_KINDS)

@@ -167,6 +167,28 @@ def layer_clone_loss(teacher: Tensor, student: Tensor, std: Tensor, weights: Ten
     return (weights * d).sum(dim=1)
 
 
+def pooled_clone_loss(
+    teacher: Tensor, student: Tensor, std: Tensor, weights: Tensor, num_prefix_tokens: int = 0
+) -> Tensor:
+    """Eq. 1 on each channel's mean over its positions, per sample: Σ_c W_c ((mean f*_c − mean f^c_c) / σ_c)², W_c
+    the channel's weights summed over its positions (the same total weight as Eq. 1). The positions are the
+    dimensions where σ is shared (`stats_granularity="channel"`); a layer with one value per channel, (B, C), keeps
+    Eq. 1, and so do the first `num_prefix_tokens` tokens of a (B, N, C) token sequence (a class token, which the
+    classifier reads on its own). Returns (B,)."""
+    dims = [d for d in range(1, teacher.ndim) if std.shape[d] == 1]
+    if not dims:
+        return layer_clone_loss(teacher, student, std, weights)
+    weights = weights.reshape(teacher.shape)
+    kept = teacher.new_zeros(teacher.shape[0])
+    if num_prefix_tokens and dims == [1] and teacher.ndim == 3:
+        prefix = slice(0, num_prefix_tokens)
+        kept = layer_clone_loss(teacher[:, prefix], student[:, prefix], std, weights[:, prefix].flatten(1))
+        tokens = slice(num_prefix_tokens, None)
+        teacher, student, weights = teacher[:, tokens], student[:, tokens], weights[:, tokens]
+    d = ((teacher.mean(dim=dims) - student.mean(dim=dims)) / std.mean(dim=dims)).pow(2)
+    return kept + (weights.sum(dim=dims) * d).flatten(1).sum(dim=1)
+
+
 def effective_support(w: Tensor) -> Tensor:
     """exp(entropy of w) / N per sample, with w renormalised: 1 for uniform weights, 1/N for one-hot."""
     p = w / w.sum(dim=1, keepdim=True).clamp_min(1e-30)

@@ -97,6 +97,19 @@ def attention_modules(model: nn.Module) -> list[str]:
     return list(names)
 
 
+# Parameters holding the tokens a ViT-like model puts before its patch tokens: timm's and transformers' names.
+PREFIX_TOKEN_PARAMETERS = ("cls_token", "dist_token", "reg_token", "distillation_token", "register_tokens")
+
+
+def prefix_tokens(model: nn.Module) -> int:
+    """How many tokens (class, distillation, register) the model puts before its patch tokens, counted from its
+    parameters of those names (`PREFIX_TOKEN_PARAMETERS`, each (1, n, C)); 0 for a CNN or a Swin. A model that adds
+    its class token late (CaiT) counts it for every block."""
+    return sum(
+        p.shape[1] for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in PREFIX_TOKEN_PARAMETERS
+    )
+
+
 def freeze_modules(model: nn.Module, patterns: list[str] | str) -> list[str]:
     """Stops training the parameters of every module whose name matches `patterns` (suffixes or one regex, as
     `target_modules`); returns the frozen parameters' names. A pattern that matches nothing is an error: a typo would

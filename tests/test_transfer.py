@@ -10,8 +10,9 @@ from transformers import ViTForImageClassification
 
 from medic_hf import MedicCloner, MedicConfig
 from medic_hf.config import BASE_FROZEN_FRACTION
+from medic_hf.importance import layer_clone_loss, pooled_clone_loss
 from medic_hf.modeling import save_native, student_from_base
-from medic_hf.neurons import attention_modules, freeze_early_modules
+from medic_hf.neurons import attention_modules, freeze_early_modules, prefix_tokens
 from medic_hf.scripts import clone
 from tests.conftest import calibrate, pixel_dataset
 from tests.tiny_models import hf_swin, hf_vit, timm_convnext, timm_resnet, timm_swin, timm_vit
@@ -575,22 +576,60 @@ def test_prune_least_active_zeroes_the_quietest_units_of_each_module():
 
 
 def test_pooled_clone_loss_compares_each_channels_mean_over_its_positions():
-    """benchmarks/transfer_probes.py pooled: two tokens x two channels, teacher [[1, 2], [3, 4]], student 0, σ 1,
-    weights [[.1, .2], [.3, .4]]: channel means 2 and 3, channel weights .4 and .6, so .4·4 + .6·9 = 7.0 (the
-    per-position loss would be .1 + .8 + 2.7 + 6.4 = 10.0); a (B, C) layer keeps Eq. 1."""
-    from tests.conftest import benchmark_script
-
-    probes = benchmark_script("transfer_probes")
+    """clone_positions="mean": two tokens x two channels, teacher [[1, 2], [3, 4]], student 0, σ 1, weights
+    [[.1, .2], [.3, .4]]: channel means 2 and 3, channel weights .4 and .6, so .4·4 + .6·9 = 7.0 (the per-position
+    loss would be .1 + .8 + 2.7 + 6.4 = 10.0); a (B, C) layer keeps Eq. 1."""
     teacher, std = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]), torch.ones(1, 1, 2)
     weights = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
-    pooled = probes.pooled_clone_loss(teacher, torch.zeros_like(teacher), std, weights)
-    assert torch.allclose(pooled, torch.tensor([7.0]))
-    assert torch.allclose(
-        probes.layer_clone_loss(teacher, torch.zeros_like(teacher), std, weights), torch.tensor([10.0])
-    )
+    assert torch.allclose(pooled_clone_loss(teacher, torch.zeros_like(teacher), std, weights), torch.tensor([7.0]))
+    assert torch.allclose(layer_clone_loss(teacher, torch.zeros_like(teacher), std, weights), torch.tensor([10.0]))
     flat, flat_std = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]])
-    assert torch.allclose(probes.pooled_clone_loss(flat, torch.zeros_like(flat), flat_std, weights[:, :2]),
-                          torch.tensor([0.1 * 1 + 0.2 * 1]))  # fmt: skip
+    assert torch.allclose(
+        pooled_clone_loss(flat, torch.zeros_like(flat), flat_std, weights[:, :2]), torch.tensor([0.1 * 1 + 0.2 * 1])
+    )
+
+
+def test_pooled_clone_loss_keeps_the_class_token_per_position():
+    """A class token [5, 6] with weights [.5, .5] before the two tokens of the test above: .5·25 + .5·36 = 30.5 for
+    the class token, plus 7.0 for the averaged tokens; with no prefix token, the mean over three tokens (3, 4) with
+    channel weights .9 and 1.1: .9·9 + 1.1·16 = 25.7. An image layer (B, C, H, W) has no tokens to keep."""
+    teacher, std = torch.tensor([[[5.0, 6.0], [1.0, 2.0], [3.0, 4.0]]]), torch.ones(1, 1, 2)
+    weights = torch.tensor([[0.5, 0.5, 0.1, 0.2, 0.3, 0.4]])
+    student = torch.zeros_like(teacher)
+    assert torch.allclose(pooled_clone_loss(teacher, student, std, weights, 1), torch.tensor([37.5]))
+    assert torch.allclose(pooled_clone_loss(teacher, student, std, weights, 0), torch.tensor([25.7]))
+    image, image_std = torch.arange(8.0).reshape(1, 2, 2, 2), torch.ones(1, 2, 1, 1)
+    image_weights, zeros = torch.ones(1, 8), torch.zeros_like(image)
+    # channel means 1.5 and 5.5, channel weights 4: 4 · (2.25 + 30.25) = 130, prefix or not
+    assert torch.allclose(pooled_clone_loss(image, zeros, image_std, image_weights, 1), torch.tensor([130.0]))
+
+
+@pytest.mark.parametrize("make, prefix", [(timm_vit, 1), (hf_vit, 1), (timm_swin, 0), (timm_resnet, 0)])
+def test_clone_positions_mean_keeps_the_teachers_prefix_tokens(make, prefix, tmp_path, monkeypatch):
+    """The cloner counts the teacher's class tokens and passes them to the pooled loss, which its step uses."""
+    import medic_hf.cloner
+
+    torch.manual_seed(0)
+    teacher = make()
+    calls = []
+
+    def spy(teacher_f, student_f, std, weights, num_prefix_tokens):
+        calls.append(num_prefix_tokens)
+        return pooled_clone_loss(teacher_f, student_f, std, weights, num_prefix_tokens)
+
+    monkeypatch.setattr(medic_hf.cloner, "pooled_clone_loss", spy)
+    cloner = MedicCloner(teacher, config(tmp_path, clone_positions="mean"), train_dataset=pixel_dataset(16))
+    assert prefix_tokens(teacher) == prefix
+    cloner.train()
+    assert calls and set(calls) == {prefix}
+    assert cloner.hyperparameters()["clone_positions"] == "mean"
+
+
+def test_clone_positions_mean_needs_channel_statistics():
+    with pytest.raises(ValueError, match="stats_granularity='channel'"):
+        MedicConfig(output_dir="unused", clone_positions="mean", stats_granularity="neuron")
+    with pytest.raises(ValueError, match="choose one of"):
+        MedicConfig(output_dir="unused", clone_positions="pixel")
 
 
 def test_pooled_probe_trains_a_swin_from_its_base(tmp_path):
@@ -607,7 +646,7 @@ def test_pooled_probe_trains_a_swin_from_its_base(tmp_path):
     model = cloner.model.train()
     torch.manual_seed(1)
     pooled = cloner.compute_loss(model, batch)
-    cloner.layer_clone_loss = probes.layer_clone_loss  # Eq. 1 at every position, on this instance only
+    cloner.layer_clone_loss = layer_clone_loss  # Eq. 1 at every position, on this instance only
     torch.manual_seed(1)
     plain = cloner.compute_loss(model, batch)
     assert torch.isfinite(pooled) and pooled < plain  # a mean over positions is matched more easily than each one
