@@ -195,6 +195,10 @@ class MedicCloner(ClassifierTrainer):
                 else:
                     self.frozen_modules = freeze_early_modules(student, fraction, args.hook_layers)
             self._raw_train_dataset = train_dataset
+            self.clone_positions = args.clone_positions  # None: "mean" from a base (docs/transfer.md), else Eq. 1
+            if self.clone_positions is None:
+                use_mean = self.student_base and args.stats_granularity == "channel"
+                self.clone_positions = "mean" if use_mean else "each"
 
             # ClassifierTrainer prepares the data with the teacher's preprocessing, the student's input.
             super().__init__(
@@ -397,7 +401,7 @@ class MedicCloner(ClassifierTrainer):
     def layer_clone_loss(self, teacher: torch.Tensor, student: torch.Tensor, std: torch.Tensor, weights: torch.Tensor):
         """One layer's term of the clone loss, per sample (B,): Eq. 1 at every position, or on each channel's mean
         over its positions (`clone_positions="mean"`)."""
-        if self.args.clone_positions == "mean":
+        if self.clone_positions == "mean":
             return pooled_clone_loss(teacher, student, std, weights, self.num_prefix_tokens)
         return layer_clone_loss(teacher, student, std, weights)
 
@@ -730,7 +734,7 @@ class MedicCloner(ClassifierTrainer):
             "cloned_modules": len(self.teacher_recorder.modules),
             "left_out_modules": len(self.left_out_modules),
             "stats_granularity": a.stats_granularity,
-            "clone_positions": a.clone_positions,
+            "clone_positions": self.clone_positions,
             "augment (crop + flip)": a.augment,
             "sigma_floor": a.sigma_floor,
             "optimizer": self.optimizer_description(),

@@ -233,13 +233,15 @@ class MedicConfig(ClassifierConfig):
             "choices": list(STATS_GRANULARITIES),
         },
     )
-    clone_positions: str = field(
-        default="each",
+    clone_positions: str | None = field(
+        default=None,
         metadata={
             "help": "'each': Eq. 1 at every position (pixel, token) of a layer (the paper); 'mean': Eq. 1 on each "
             "channel's mean over its positions, the channel weighted by its importance weights summed over them, "
-            "so the student matches what a channel says about the image, not where. Prefix tokens (a ViT's class "
-            "token) keep Eq. 1. Needs stats_granularity='channel'. See docs/transfer.md.",
+            "so the student matches what a channel says about the image, not where; prefix tokens (a ViT's class "
+            "token) keep Eq. 1. None: 'mean' when the student starts from a trusted base given by name or folder "
+            "(`student=`, --student_name_or_path) and stats_granularity is 'channel', 'each' otherwise (the paper). "
+            "'mean' needs stats_granularity='channel'. See docs/transfer.md for how it was chosen.",
             "choices": list(CLONE_POSITIONS),
         },
     )
@@ -303,7 +305,7 @@ class MedicConfig(ClassifierConfig):
             raise ValueError(f"impact_scale={self.impact_scale!r}: choose one of {IMPACT_SCALES}.")
         if self.stats_granularity not in STATS_GRANULARITIES:
             raise ValueError(f"stats_granularity={self.stats_granularity!r}: choose one of {STATS_GRANULARITIES}.")
-        if self.clone_positions not in CLONE_POSITIONS:
+        if self.clone_positions is not None and self.clone_positions not in CLONE_POSITIONS:
             raise ValueError(f"clone_positions={self.clone_positions!r}: choose one of {CLONE_POSITIONS}.")
         if self.clone_positions == "mean" and self.stats_granularity != "channel":
             raise ValueError(

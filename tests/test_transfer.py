@@ -625,6 +625,25 @@ def test_clone_positions_mean_keeps_the_teachers_prefix_tokens(make, prefix, tmp
     assert cloner.hyperparameters()["clone_positions"] == "mean"
 
 
+def test_a_base_started_student_clones_channel_means_by_default(tmp_path):
+    """clone_positions=None: 'mean' from a base, 'each' (the paper's Eq. 1) without one, with neuron statistics, or
+    when told; the card says which."""
+    torch.manual_seed(0)
+    base, teacher = timm_resnet(num_classes=5), timm_resnet()
+    save_native(base, tmp_path / "base")
+    teacher, data, start = fine_tuned(base, teacher), pixel_dataset(16), str(tmp_path / "base")
+
+    def resolved(student=None, **overrides):
+        cloner = MedicCloner(teacher, config(tmp_path, **overrides), train_dataset=data, student=student)
+        assert cloner.hyperparameters()["clone_positions"] == cloner.clone_positions
+        return cloner.clone_positions
+
+    assert resolved(start) == "mean"
+    assert resolved() == "each"
+    assert resolved(start, stats_granularity="neuron") == "each"
+    assert resolved(start, clone_positions="each") == "each"
+
+
 def test_clone_positions_mean_needs_channel_statistics():
     with pytest.raises(ValueError, match="stats_granularity='channel'"):
         MedicConfig(output_dir="unused", clone_positions="mean", stats_granularity="neuron")
