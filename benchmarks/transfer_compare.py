@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import transfer  # noqa: E402  (benchmarks/transfer.py: its report's seed means)
 
 ATTACKS = ("badnets-5px", "blended", "sig-half", "label_consistent")
 
@@ -26,45 +30,31 @@ def seed_cells(folder: Path, attack: str, method: str) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((folder / "cells" / attack / method).glob("seed*.json"))}
 
 
-def summary(cells: list[dict]) -> dict[str, float]:
-    """Seed means, in %: accuracy and ASR after, DER, and the highest seed-mean ASR over the evaluations."""
-    n = len(cells)
-    trajectories = [c.get("trajectory") or [] for c in cells]
-    length = min(len(t) for t in trajectories)
-    peak = max((sum(t[i]["attack_success_rate"] for t in trajectories) / n for i in range(length)), default=None)
-    return {
-        "accuracy": 100 * sum(c["after"]["clean_accuracy"] for c in cells) / n,
-        "asr": 100 * sum(c["after"]["attack_success_rate"] for c in cells) / n,
-        "der": 100 * sum(c["der"] for c in cells) / n,
-        "peak_asr": None if peak is None else 100 * peak,
-    }
-
-
 def compare(name: str, folder: Path, first: str, second: str) -> list[dict]:
+    """Per attack where both methods ran, `transfer.summarise` of each on the seeds both have."""
     rows = []
     for attack in ATTACKS:
         a, b = seed_cells(folder, attack, first), seed_cells(folder, attack, second)
         seeds = sorted(a.keys() & b.keys())
         if not seeds:
             continue
-        before = json.loads((folder / "cells" / attack / "before.json").read_text())
+        summary = transfer.summarise([a[s] for s in seeds] + [b[s] for s in seeds])
         rows.append(
             {
                 "set": name,
                 "attack": attack,
-                "seeds": [int(s.removeprefix("seed")) for s in seeds],
-                "trojaned": {"accuracy": 100 * before["clean_accuracy"], "asr": 100 * before["attack_success_rate"]},
-                first: summary([a[s] for s in seeds]),
-                second: summary([b[s] for s in seeds]),
+                "seeds": summary[first][attack]["seeds"],
                 "methods": [first, second],
+                first: summary[first][attack],
+                second: summary[second][attack],
             }
         )
     return rows
 
 
 def cell_text(s: dict) -> str:
-    peak = "" if s["peak_asr"] is None else f" ({s['peak_asr']:.1f})"
-    return f"{s['accuracy']:.2f} / {s['asr']:.1f}{peak} — {s['der']:.1f}"
+    peak = "" if s["peak_of_mean_asr"] is None else f" ({s['peak_of_mean_asr']:.1f})"
+    return f"{s['acc']:.2f} / {s['asr']:.1f}{peak} — {s['der']:.1f}"
 
 
 def markdown(rows: list[dict], labels: tuple[str, str]) -> str:
@@ -74,7 +64,7 @@ def markdown(rows: list[dict], labels: tuple[str, str]) -> str:
     ]
     for r in rows:
         first, second = r["methods"]
-        trojaned = f"{r['trojaned']['accuracy']:.2f} / {r['trojaned']['asr']:.1f}"
+        trojaned = f"{r[first]['acc_before']:.2f} / {r[first]['asr_before']:.1f}"
         lines.append(
             f"| {r['set']} | {r['attack']} | {trojaned} | {cell_text(r[first])} | {cell_text(r[second])} | "
             f"{len(r['seeds'])} |"
@@ -84,7 +74,7 @@ def markdown(rows: list[dict], labels: tuple[str, str]) -> str:
     for name in dict.fromkeys(r["set"] for r in rows):
         mine = [r for r in rows if r["set"] == name]
         first, second = mine[0]["methods"]
-        change = sum(r[second]["accuracy"] - r[first]["accuracy"] for r in mine) / len(mine)
+        change = sum(r[second]["acc"] - r[first]["acc"] for r in mine) / len(mine)
         der_first = sum(r[first]["der"] for r in mine) / len(mine)
         der_second = sum(r[second]["der"] for r in mine) / len(mine)
         lines.append(f"| {name} | {len(mine)} | {change:+.2f} | {der_first:.1f} | {der_second:.1f} |")

@@ -113,7 +113,6 @@ from medic_hf.averaging import WeightAverage  # noqa: E402
 from medic_hf.config import BASE_FROZEN_FRACTION  # noqa: E402
 from medic_hf.data import class_balanced_subset, load_image_dataset, prepare_for_model  # noqa: E402
 from medic_hf.defenses._training import recompute_batchnorm  # noqa: E402
-from medic_hf.importance import pooled_clone_loss  # noqa: E402
 from medic_hf.modeling import forward_logits, load_model, make_student, student_from_base  # noqa: E402
 from medic_hf.neurons import early_modules  # noqa: E402
 from medic_hf.scripts.benchmark import evaluate  # noqa: E402
@@ -561,10 +560,12 @@ def pruned_teacher_cloner(ratio: float, modules: str):
 
 
 class PooledCloner(MedicCloner):
-    """MedicCloner whose clone loss is `pooled_clone_loss` with no prefix token kept: a ViT's class token is averaged
-    with its patch tokens (`clone_positions="mean"` keeps it, the first probe did not)."""
+    """`clone_positions="mean"` with no prefix token kept: a ViT's class token is averaged with its patch tokens
+    (the option keeps it, this first probe did not; the same loss on a model without prefix tokens)."""
 
-    layer_clone_loss = staticmethod(pooled_clone_loss)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clone_positions, self.num_prefix_tokens = "mean", 0
 
 
 def probe_options(probe: str) -> argparse.ArgumentParser:
