@@ -669,3 +669,37 @@ def test_pooled_probe_trains_a_swin_from_its_base(tmp_path):
     torch.manual_seed(1)
     plain = cloner.compute_loss(model, batch)
     assert torch.isfinite(pooled) and pooled < plain  # a mean over positions is matched more easily than each one
+
+
+def test_transfer_compare_tables_two_methods_on_the_seeds_both_have(tmp_path):
+    """benchmarks/transfer_compare.py: method A at seeds 0, 1, 2 and B at 0, 1; only seeds 0 and 1 count. A: acc .80
+    and .82, ASR .10 and .20, DER .90 and .80, trajectories [.3, .1] and [.1, .2] (seed means .2, .15: peak 20.0);
+    B: acc .78 both, ASR .05, DER .95, no trajectory. Accuracy change 78.00 − 81.00 = −3.00."""
+    from tests.conftest import benchmark_script
+
+    compare = benchmark_script("transfer_compare")
+    folder = tmp_path / "set"
+    values = {
+        ("A", 0): (0.80, 0.10, 0.90, [0.3, 0.1]),
+        ("A", 1): (0.82, 0.20, 0.80, [0.1, 0.2]),
+        ("A", 2): (0.10, 0.90, 0.10, [0.9, 0.9]),
+        ("B", 0): (0.78, 0.05, 0.95, []),
+        ("B", 1): (0.78, 0.05, 0.95, []),
+    }
+    for (method, seed), (acc, asr, der, trajectory) in values.items():
+        cell = {
+            "attack": "blended",
+            "method": method,
+            "seed": seed,
+            "before": {"clean_accuracy": 0.9, "attack_success_rate": 1.0},
+            "after": {"clean_accuracy": acc, "attack_success_rate": asr},
+            "der": der,
+            "trajectory": [{"attack_success_rate": v} for v in trajectory],
+        }
+        path = folder / "cells" / "blended" / method / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cell))
+    text = compare.main(["--set", "S", str(folder), "A", "B", "--output", str(tmp_path / "out")])
+    assert "| S | blended | 90.00 / 100.0 | 81.00 / 15.0 (20.0) — 85.0 | 78.00 / 5.0 — 95.0 | 2 |" in text
+    assert "| S | 1 | -3.00 | 85.0 | 95.0 |" in text
+    assert json.loads((tmp_path / "out.json").read_text())[0]["seeds"] == [0, 1]
