@@ -29,7 +29,7 @@ from .config import BASE_FROZEN_FRACTION, MedicConfig
 from .hub import _hub_repo_id, build_model_card, public_name, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss, pooled_clone_loss
 from .metrics import metric_name
-from .mixing import mix_batch
+from .mixing import mix_batch, overlay_batch
 from .modeling import (
     disable_dropout,
     forward_logits,
@@ -70,6 +70,7 @@ FINGERPRINT_SETTINGS = (
     "mix_alpha",
     "ema_decay",
     "student_input_noise",
+    "student_input_blend",
     "logit_distillation",
     "distillation_temperature",
     "augment",
@@ -420,6 +421,8 @@ class MedicCloner(ClassifierTrainer):
         targets = self._teacher_targets(pixel_values, labels)
         if self.args.student_input_noise > 0:  # the student learns the clean targets from a perturbed image
             pixel_values = pixel_values + self.args.student_input_noise * torch.randn_like(pixel_values)
+        if self.args.student_input_blend > 0:  # the same, with another clean image faintly laid over it
+            pixel_values = overlay_batch(pixel_values, self.args.student_input_blend)
         self.student_recorder.set_enabled(True)
         try:
             logits = forward_logits(model, pixel_values)
@@ -722,6 +725,7 @@ class MedicCloner(ClassifierTrainer):
             "clone_loss_schedule": a.clone_loss_schedule,
             "ema_decay": a.ema_decay,
             "student_input_noise": a.student_input_noise,
+            "student_input_blend": a.student_input_blend,
             "logit_distillation": a.logit_distillation,
             "distillation_temperature": a.distillation_temperature,
             "mix_inputs": a.mix_inputs if a.mix_inputs == "none" else f"{a.mix_inputs} (α = {a.mix_alpha:g})",

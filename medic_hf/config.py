@@ -145,6 +145,15 @@ class MedicConfig(ClassifierConfig):
             "becomes insensitive to small input patterns. 0: off (the paper)."
         },
     )
+    student_input_blend: float = field(
+        default=0.0,
+        metadata={
+            "help": "Largest weight a of another clean image of the batch laid over each of the student's inputs, "
+            "x' = (1 − a)·x + a·x_other with a drawn uniformly in [0, student_input_blend) per image; the teacher's "
+            "targets and the label stay those of x, so the student learns to ignore faint whole-image overlays "
+            "(the shape of Blended and SIG triggers). 0: off (the paper)."
+        },
+    )
     ema_decay: float = field(
         default=0.998,
         metadata={
@@ -348,6 +357,8 @@ class MedicConfig(ClassifierConfig):
             raise ValueError("base_warmup must be >= 0 (0: off).")
         if self.student_input_noise < 0:
             raise ValueError("student_input_noise must be >= 0 (0: off).")
+        if not 0 <= self.student_input_blend < 1:
+            raise ValueError(f"student_input_blend={self.student_input_blend}: choose a weight in [0, 1) (0: off).")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay}: use 0 (off) or a value in (0, 1), e.g. 0.998.")
         if self.mix_alpha <= 0:

@@ -2,6 +2,9 @@
 
 Both models see the same mixed batch: the teacher's activations on it are the clone targets and the labels are mixed
 in the same proportion (class probabilities), as in "function matching" distillation (Beyer et al., CVPR 2022).
+
+`overlay_batch` is the other way round: only the student sees each image with another one faintly laid over it,
+while the targets stay the teacher's on the clean image, so the student learns to ignore faint whole-image overlays.
 """
 
 from __future__ import annotations
@@ -42,3 +45,20 @@ def paste_box(images: Tensor, other: Tensor, lam: float) -> tuple[Tensor, float]
     mixed[..., top:bottom, left:right] = other[..., top:bottom, left:right]
     kept = 1.0 - (bottom - top) * (right - left) / (height * width)
     return mixed, kept
+
+
+def overlay_batch(pixel_values: Tensor, max_weight: float) -> Tensor:
+    """Each image blended with another image of the batch, x' = (1 − a)·x + a·x_other, a ~ U(0, max_weight) per image.
+
+    Blending commutes with the per-channel normalisation (the weights sum to 1), so normalised inputs are blended
+    as the pixels would be. A batch of one image is returned unchanged.
+    """
+    if max_weight < 0 or max_weight >= 1:
+        raise ValueError(f"max_weight={max_weight}: choose a blend weight in [0, 1).")
+    batch = pixel_values.shape[0]
+    if batch < 2 or max_weight == 0:
+        return pixel_values
+    # a shift of the batch by a random non-zero offset: every image gets a different one, never itself
+    other = pixel_values.roll(int(torch.randint(1, batch, (1,))), dims=0)
+    weight = max_weight * torch.rand(batch, *([1] * (pixel_values.ndim - 1)), device=pixel_values.device)
+    return (1.0 - weight.to(pixel_values.dtype)) * pixel_values + weight.to(pixel_values.dtype) * other

@@ -7,7 +7,7 @@ import torch
 
 from medic_hf import MedicCloner, MedicConfig
 from medic_hf.importance import importance_weights, top_k_uniform
-from medic_hf.mixing import mix_batch, paste_box
+from medic_hf.mixing import mix_batch, overlay_batch, paste_box
 from tests.conftest import calibrate, pixel_dataset
 from tests.test_cloner import make_config
 from tests.tiny_models import ALL_TINY_MODELS
@@ -54,6 +54,31 @@ def test_mixing_a_single_image_returns_it_with_one_hot_labels():
     assert torch.equal(mixed, x) and torch.equal(targets, torch.tensor([[0.0, 1.0, 0.0]]))
 
 
+def test_overlay_blends_each_image_with_another_by_hand():
+    # four constant images 0, 1, 2, 3: each blended image is (1 − a)·v + a·v_other with a in [0, 0.4), other ≠ itself
+    x = torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 3, 2, 2)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        shift = int(torch.randint(1, 4, (1,)))
+        weight = 0.4 * torch.rand(4)
+        torch.manual_seed(seed)
+        out = overlay_batch(x, 0.4)
+        other = torch.arange(4.0).roll(shift)
+        expected = (1 - weight) * torch.arange(4.0) + weight * other
+        assert torch.allclose(out[:, :, 0, 0], expected[:, None].expand(4, 3))
+        assert (other != torch.arange(4.0)).all() and (weight < 0.4).all()
+        assert torch.equal(out[:, :, 0, 0], out[:, :, 1, 1])  # one weight per image, over every pixel and channel
+
+
+def test_overlay_leaves_single_images_and_zero_weight_alone():
+    x = torch.rand(1, 3, 4, 4)
+    assert torch.equal(overlay_batch(x, 0.3), x)
+    y = torch.rand(4, 3, 4, 4)
+    assert torch.equal(overlay_batch(y, 0.0), y)
+    with pytest.raises(ValueError, match="max_weight"):
+        overlay_batch(y, 1.0)
+
+
 def test_schedules_of_temperature_and_clone_weight(tmp_path):
     data = pixel_dataset(8)
     teacher = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
@@ -78,6 +103,7 @@ def test_schedules_of_temperature_and_clone_weight(tmp_path):
         {"mix_inputs": "mixup"},
         {"mix_inputs": "cutmix", "mix_alpha": 0.5},
         {"student_input_noise": 0.3},
+        {"student_input_blend": 0.3},
         {"logit_distillation": 0.5, "distillation_temperature": 2.0},
     ],
 )
@@ -104,6 +130,8 @@ def test_each_option_trains_and_is_in_the_fingerprint_and_card(options, tmp_path
         ({"mix_inputs": "cutout"}, "mix_inputs"),
         ({"mix_alpha": 0.0}, "mix_alpha"),
         ({"student_input_noise": -0.1}, "student_input_noise"),
+        ({"student_input_blend": -0.1}, "student_input_blend"),
+        ({"student_input_blend": 1.0}, "student_input_blend"),
         ({"logit_distillation": 1.5}, "logit_distillation"),
         ({"distillation_temperature": 0.0}, "distillation_temperature"),
     ],
