@@ -194,7 +194,7 @@ def downstream(args, attack: str) -> Path:
     ]
     if attack == "none":
         return train_model(args, "clean", ["--attack", "none", *flags])
-    if attack.startswith("label_consistent"):
+    if "label_consistent" in ATTACK_FLAGS[attack]:  # its adversarial images are made on the clean model
         flags += ["--surrogate", str(downstream(args, "none"))]
     return train_model(args, attack, [*ATTACK_FLAGS[attack], *flags])
 

@@ -60,5 +60,6 @@ def overlay_batch(pixel_values: Tensor, max_weight: float) -> Tensor:
         return pixel_values
     # a shift of the batch by a random non-zero offset: every image gets a different one, never itself
     other = pixel_values.roll(int(torch.randint(1, batch, (1,))), dims=0)
-    weight = max_weight * torch.rand(batch, *([1] * (pixel_values.ndim - 1)), device=pixel_values.device)
-    return (1.0 - weight.to(pixel_values.dtype)) * pixel_values + weight.to(pixel_values.dtype) * other
+    shape = (batch, *([1] * (pixel_values.ndim - 1)))  # one weight per image
+    weight = max_weight * torch.rand(shape, device=pixel_values.device, dtype=pixel_values.dtype)
+    return (1.0 - weight) * pixel_values + weight * other
