@@ -122,6 +122,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--medic_epochs", type=float, default=30, help="Epochs of the MEDIC-style runs.")
     parser.add_argument("--medic_kwargs", default="{}", help="JSON: MedicConfig fields of the MEDIC-style runs.")
     parser.add_argument(
+        "--unlabeled_upstream",
+        type=int,
+        default=0,
+        help="Unlabeled images of the upstream classes' training split (class-balanced, drawn with the cell's "
+        "seed) given to the MEDIC-style runs as `unlabeled_dataset`: public images of the base's pretraining "
+        "domain, which the defender of a real base can download. 0: none (the benchmark's defender). Their cells "
+        "take --tag.",
+    )
+    parser.add_argument(
         "--baseline_kwargs",
         default="{}",
         help="JSON: config fields of the baselines (ft_base, ft, nad, anp, fp), e.g. another optimiser for another "
@@ -230,13 +239,32 @@ def medic_config(args, method: str, seed: int, work: Path, steps_per_epoch: int)
     return config_class(**kwargs)
 
 
-def run_medic(args, method, seed, teacher_dir, base_dir, clean, data, work) -> tuple[torch.nn.Module, list]:
+def unlabeled_upstream(args, dataset, seed: int):
+    """`--unlabeled_upstream` images of the upstream classes (training split), their label column removed."""
+    if not args.unlabeled_upstream:
+        return None
+    _, label_column = find_columns(dataset["train"])
+    images = select_classes(dataset["train"], label_column, args.upstream_classes)
+    images = class_balanced_subset(images, num_samples=args.unlabeled_upstream, seed=seed)
+    return images.remove_columns(label_column)
+
+
+def run_medic(
+    args, method, seed, teacher_dir, base_dir, clean, data, work, unlabeled=None
+) -> tuple[torch.nn.Module, list]:
     steps_per_epoch = math.ceil(len(clean) / 64)
     config = medic_config(args, method, seed, work, steps_per_epoch)
     trace = min(args.trace_samples, len(data["test"]))
     eval_sets = {"clean": data["test"].select(range(trace)), "backdoor": data["backdoor"].select(range(trace))}
     student = str(base_dir) if method in FROM_BASE else None
-    cloner = MedicCloner(str(teacher_dir), config, train_dataset=clean, eval_dataset=eval_sets, student=student)
+    cloner = MedicCloner(
+        str(teacher_dir),
+        config,
+        train_dataset=clean,
+        eval_dataset=eval_sets,
+        student=student,
+        unlabeled_dataset=unlabeled,
+    )
     try:
         cloner.train()
     finally:
@@ -275,7 +303,8 @@ def run_cell(args, attack: str, method: str, seed: int, dataset) -> dict:
     start, trajectory = time.perf_counter(), None
     if method in TRAJECTORY_METHODS:
         teacher = downstream(args, "none") if method == "clean_teacher" else teacher_dir
-        repaired, trajectory = run_medic(args, method, seed, teacher, base_dir, clean, data, work)
+        unlabeled = unlabeled_upstream(args, dataset, seed)
+        repaired, trajectory = run_medic(args, method, seed, teacher, base_dir, clean, data, work, unlabeled)
     else:  # a baseline: ft_base fine-tunes the base at fine-tuning's budget
         kwargs = {**BASELINE_KWARGS["ft" if method == "ft_base" else method], **baseline_kwargs}
         if method == "ft_base":
@@ -300,6 +329,7 @@ def run_cell(args, attack: str, method: str, seed: int, dataset) -> dict:
         "seconds": round(seconds, 1),
         "trajectory": trajectory,
         "medic_kwargs": json.loads(args.medic_kwargs),
+        "unlabeled_upstream": args.unlabeled_upstream if method in TRAJECTORY_METHODS else 0,
         "baseline_kwargs": baseline_kwargs,
     }
     cell_file.parent.mkdir(parents=True, exist_ok=True)
@@ -448,6 +478,8 @@ def report(args, keep_columns: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = make_parser().parse_args(argv)
+    if args.unlabeled_upstream and not args.tag:
+        raise SystemExit("--unlabeled_upstream is another setting: give its cells a --tag (e.g. --tag unl5000).")
     if not args.report_only:
         dataset = load_image_dataset(args.dataset_name)
         for attack in args.attacks:

@@ -26,6 +26,7 @@ from transformers.utils import logging
 from .averaging import WeightAverage
 from .cloned_neurons import ClonedNeurons
 from .config import BASE_FROZEN_FRACTION, MedicConfig
+from .data import DeviceBatchTransform, DeviceImageSet, find_image_column
 from .hub import _hub_repo_id, build_model_card, public_name, push_folder_to_hub
 from .importance import NeuronStats, effective_support, importance_weights, layer_clone_loss, pooled_clone_loss
 from .metrics import metric_name
@@ -68,6 +69,7 @@ FINGERPRINT_SETTINGS = (
     "clone_loss_schedule",
     "mix_inputs",
     "mix_alpha",
+    "unlabeled_batch_size",
     "ema_decay",
     "student_input_noise",
     "student_input_blend",
@@ -134,6 +136,10 @@ class MedicCloner(ClassifierTrainer):
             tag, an `hf-hub:` id, a transformers Hub id or a local folder, loaded under the teacher's rules); the
             student holds its weights, with a fresh classifier when the base was trained for other classes
             (`medic_hf.modeling.student_from_base`).
+        unlabeled_dataset: optional unlabeled images (a `datasets.Dataset` with an image column; a label column
+            is ignored), e.g. public images of the base's pretraining domain. `unlabeled_batch_size` of them are
+            drawn at random and added to every clean batch for the clone loss only (docs/transfer.md); they are
+            decoded once onto the training device with the teacher's preprocessing and augmented as the clean set.
         image_processor: a transformers image processor to preprocess image columns (else the timm data config
             or the model config is used).
         trust_remote_code: passed to transformers when `model` is a string; off unless you ask.
@@ -154,6 +160,7 @@ class MedicCloner(ClassifierTrainer):
         optimizers=(None, None),
         *,
         student: nn.Module | str | None = None,
+        unlabeled_dataset=None,
         image_processor=None,
         trust_remote_code: bool = False,
         dataset_name: str | None = None,
@@ -163,6 +170,7 @@ class MedicCloner(ClassifierTrainer):
         args = MedicConfig() if args is None else args
         if not isinstance(args, MedicConfig):
             raise TypeError(f"args must be a MedicConfig, got {type(args).__name__}: build it with MedicConfig(...).")
+        _check_unlabeled(unlabeled_dataset, args)
         # Building a cloner leaves the caller's random state as it was (the Trainer seeds it; train() seeds again).
         with random_state_kept():
             self.teacher_name, self.base_model_id = _teacher_identity(model, base_model_name)
@@ -226,6 +234,8 @@ class MedicCloner(ClassifierTrainer):
             self.teacher = self.accelerator.prepare_model(self.teacher, evaluation_mode=True)
 
             self._setup_neurons(teacher, student)
+            self._raw_unlabeled = unlabeled_dataset
+            self.unlabeled_images, self.unlabeled_transform = self._prepare_unlabeled(unlabeled_dataset)
             self.stats = NeuronStats(self.channel_dims, args.stats_granularity, args.sigma_floor)
             self.metrics_before: dict[str, float] = {}
             self.metrics_after: dict[str, float] = {}
@@ -233,6 +243,31 @@ class MedicCloner(ClassifierTrainer):
             self._diagnostics: dict[str, dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ set-up
+
+    def _prepare_unlabeled(self, dataset) -> tuple[torch.Tensor | None, DeviceBatchTransform | None]:
+        """Unlabeled images as one uint8 tensor on the device (the teacher's evaluation preprocessing), and the
+        batched augmentation and normalisation of the clean set."""
+        if dataset is None:
+            return None, None
+        preprocessing = self._resolve_preprocessing()
+        megabytes = DeviceImageSet.nbytes(dataset, preprocessing) / 2**20
+        if megabytes > self.args.device_data_max_mb:
+            raise ValueError(
+                f"The unlabeled data set ({len(dataset)} images) takes {megabytes:.0f} MiB decoded, more than "
+                f"device_data_max_mb={self.args.device_data_max_mb:g}: select fewer images "
+                "(unlabeled_dataset.select(range(n))) or raise device_data_max_mb."
+            )
+        image_column = find_image_column(dataset)
+        logger.info(f"Unlabeled images for the clone loss: {len(dataset)} ({image_column!r} column).")
+        images = DeviceImageSet.from_dataset(dataset, image_column, None, preprocessing, device=self.args.device)
+        return images.images, DeviceBatchTransform(preprocessing)
+
+    def _unlabeled_batch(self) -> torch.Tensor:
+        """`unlabeled_batch_size` unlabeled images drawn at random (torch's generator, which the Trainer seeds and
+        saves in checkpoints), augmented and normalised as the clean batches are."""
+        size = self.args.unlabeled_batch_size or self.args.per_device_train_batch_size
+        index = torch.randint(len(self.unlabeled_images), (size,), device=self.unlabeled_images.device)
+        return self.unlabeled_transform(self.unlabeled_images[index], train=self.args.augment)
 
     def _attention_left_out(self, student: nn.Module) -> list[str]:
         """The attention layers' modules, when they are not cloned (`clone_attention`)."""
@@ -362,6 +397,8 @@ class MedicCloner(ClassifierTrainer):
             logits = forward_logits(self.teacher, pixel_values)
             activations = self.teacher_recorder.pop()
             grads = [None] * len(activations)
+            if not labels.is_floating_point():  # class indices, where -1 marks an unlabeled image
+                labels = torch.where(labels < 0, logits.argmax(-1), labels)  # importance at the teacher's own class
             if self.needs_teacher_grad:
                 # Per-sample, sum-reduced: a sample's gradient does not depend on the batch size (Eq. 3).
                 loss = F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -418,6 +455,11 @@ class MedicCloner(ClassifierTrainer):
             pixel_values, labels = mix_batch(
                 pixel_values, labels, self.num_classes, self.args.mix_inputs, self.args.mix_alpha
             )
+        labelled = labels.shape[0]
+        if self.unlabeled_images is not None:  # clone-loss-only rows, labelled -1 (the teacher's class for Eq. 3)
+            unlabeled = self._unlabeled_batch().to(pixel_values.dtype)
+            pixel_values = torch.cat([pixel_values, unlabeled])
+            labels = torch.cat([labels, labels.new_full((unlabeled.shape[0],), -1)])
         targets = self._teacher_targets(pixel_values, labels)
         if self.args.student_input_noise > 0:  # the student learns the clean targets from a perturbed image
             pixel_values = pixel_values + self.args.student_input_noise * torch.randn_like(pixel_values)
@@ -429,7 +471,7 @@ class MedicCloner(ClassifierTrainer):
             student_activations = self.student_recorder.by_sample(self.student_recorder.pop())
         finally:
             self.student_recorder.set_enabled(False)
-        ce = self._label_loss(logits.float(), labels)
+        ce = self._label_loss(logits[:labelled].float(), labels[:labelled])
         clone = logits.new_zeros(labels.shape[0], dtype=torch.float32)
         for name, (teacher_f, w) in targets.items():
             student_f = student_activations[name].float()
@@ -441,12 +483,12 @@ class MedicCloner(ClassifierTrainer):
         if self.args.logging_strategy != "no":
             self._running["ce"].append(ce.detach())
             self._running["clone"].append(clone.detach())
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {"logits": logits[:labelled]}) if return_outputs else loss
 
     def _label_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on the labels, mixed with distillation of the teacher's softened outputs when asked."""
         alpha = self.args.logit_distillation
-        teacher = self._teacher_logits if alpha > 0 else None
+        teacher = self._teacher_logits[: logits.shape[0]] if alpha > 0 else None
         return distillation_loss(logits, teacher, labels, alpha, self.args.distillation_temperature)
 
     def _stop_on_non_finite(self, ce: torch.Tensor, clone: torch.Tensor) -> None:
@@ -582,6 +624,7 @@ class MedicCloner(ClassifierTrainer):
             self._fingerprint = {
                 "teacher": _hash_state_dict(self.accelerator.unwrap_model(self.teacher)),
                 "data": _hash_dataset(self._raw_train_dataset),
+                "unlabeled": None if self._raw_unlabeled is None else _hash_dataset(self._raw_unlabeled),
                 "settings": settings,
             }
         return self._fingerprint
@@ -596,7 +639,7 @@ class MedicCloner(ClassifierTrainer):
         if saved is None:
             raise ValueError(f"{checkpoint} records no MEDIC run fingerprint, so it cannot be resumed safely. {fix}")
         current = self.fingerprint()
-        differs = [part for part in ("teacher", "data") if saved.get(part) != current[part]]
+        differs = [part for part in ("teacher", "data", "unlabeled") if saved.get(part) != current[part]]
         saved_settings = saved.get("settings", {})
         settings = {  # a setting an older version did not record (e.g. sgd_momentum) is not held against it
             k: (saved_settings.get(k), v)
@@ -728,6 +771,10 @@ class MedicCloner(ClassifierTrainer):
             "student_input_blend": a.student_input_blend,
             "logit_distillation": a.logit_distillation,
             "distillation_temperature": a.distillation_temperature,
+            "unlabeled images": len(self.unlabeled_images) if self.unlabeled_images is not None else 0,
+            "unlabeled_batch_size": (a.unlabeled_batch_size or a.per_device_train_batch_size)
+            if self.unlabeled_images is not None
+            else None,
             "mix_inputs": a.mix_inputs if a.mix_inputs == "none" else f"{a.mix_inputs} (α = {a.mix_alpha:g})",
             "hook_layers": ",".join(a.hook_layers),
             "clone_logits": a.clone_logits,
@@ -801,6 +848,24 @@ class _UpdateAverage(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.cloner.weight_average.update(self.cloner.accelerator.unwrap_model(self.cloner.model))
+
+
+def _check_unlabeled(dataset, args: MedicConfig) -> None:
+    """Refuse unlabeled data the cloner cannot use, before anything is loaded."""
+    if dataset is None:
+        return
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(
+            f"unlabeled_dataset must be a datasets.Dataset with an image column, got {type(dataset).__name__}: "
+            "load it with medic_hf.data.load_image_dataset or datasets.Dataset.from_dict({'image': [...]})."
+        )
+    if len(dataset) == 0:
+        raise ValueError("unlabeled_dataset is empty: check the split or the filter that made it.")
+    if args.mix_inputs != "none":
+        raise ValueError(
+            f"mix_inputs={args.mix_inputs!r} and unlabeled_dataset cannot be combined (mixed labels have no "
+            "unlabeled rows): set mix_inputs='none' or leave out the unlabeled data."
+        )
 
 
 def _summarise(diagnostics: dict[str, dict[str, float]]) -> dict[str, float]:

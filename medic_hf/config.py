@@ -154,6 +154,15 @@ class MedicConfig(ClassifierConfig):
             "(the shape of Blended and SIG triggers). 0: off (the paper)."
         },
     )
+    unlabeled_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images drawn at random from the unlabeled data set (MedicCloner(unlabeled_dataset=...), "
+            "--unlabeled_dataset_name) and added to every clean batch: they enter the clone loss only, their "
+            "importance weights taken at the teacher's own predicted class; the cross-entropy stays on the labelled "
+            "clean images. None: per_device_train_batch_size. Without an unlabeled data set it does nothing."
+        },
+    )
     ema_decay: float = field(
         default=0.998,
         metadata={
@@ -337,6 +346,8 @@ class MedicConfig(ClassifierConfig):
             raise ValueError("final_temperature must be >= 0 (or None for a constant τ).")
         if self.clone_loss_schedule not in CLONE_LOSS_SCHEDULES:
             raise ValueError(f"clone_loss_schedule={self.clone_loss_schedule!r}: use one of {CLONE_LOSS_SCHEDULES}.")
+        if self.unlabeled_batch_size is not None and self.unlabeled_batch_size < 1:
+            raise ValueError(f"unlabeled_batch_size={self.unlabeled_batch_size}: use a count >= 1, or None.")
         if self.mix_inputs not in MIX_INPUTS:
             raise ValueError(f"mix_inputs={self.mix_inputs!r}: choose one of {MIX_INPUTS}.")
         if not 0 <= self.logit_distillation <= 1:

@@ -229,3 +229,17 @@ def test_poison_optimizer_choice_and_its_error():
 
     with pytest.raises(SystemExit, match="--optimizer 'lamb'"):
         main(["--dataset_name", str(FIXTURE), "--optimizer", "lamb", "--output_dir", "unused"])
+
+
+def test_clone_takes_unlabeled_images_from_another_data_set(tmp_path):
+    trojaned, _ = _poison(tmp_path, "trojaned", "--attack", "badnets")
+    out = tmp_path / "medic"
+    argv = ["--model_name_or_path", str(trojaned), "--dataset_name", FIXTURE, "--clean_fraction", "0.5"]
+    argv += ["--max_steps", "2", "--per_device_train_batch_size", "25", "--output_dir", str(out)]
+    argv += ["--disable_tqdm", "true", "--allow_accuracy_drop", "true", "--unlabeled_dataset_name", FIXTURE]
+    with pytest.raises(SystemExit, match="--unlabeled_split validation"):
+        clone.main([*argv, "--unlabeled_split", "validation"])
+    results = clone.main([*argv, "--unlabeled_split", "test", "--unlabeled_samples", "10"])
+    assert results["unlabeled_dataset"] == "cifar_tiny" and results["unlabeled_samples"] == 10
+    assert results["hyperparameters"]["unlabeled images"] == 10
+    assert results["hyperparameters"]["unlabeled_batch_size"] == 25

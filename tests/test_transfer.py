@@ -290,6 +290,14 @@ def test_transfer_benchmark_end_to_end_on_the_fixture(tmp_path):
     narrowed = transfer.main([*other, "--report_only"])  # a report asked for one column gets that column
     assert set(narrowed["ft_base"]) == {"badnets"}
 
+    # Unlabeled upstream images for the MEDIC-style runs: a tagged setting of its own, recorded in the cell.
+    medic = [*argv[: argv.index("--methods") + 1], "medic_base", *argv[argv.index("--seeds") :]]
+    with pytest.raises(SystemExit, match="--tag"):
+        transfer.main([*medic, "--unlabeled_upstream", "10"])
+    transfer.main([*medic, "--unlabeled_upstream", "10", "--tag", "unl10"])
+    cell = json.loads((tmp_path / "out" / "cells" / "badnets" / "medic_base-unl10" / "seed0.json").read_text())
+    assert cell["unlabeled_upstream"] == 10 and len(cell["trajectory"]) == 2
+
 
 def test_ce_early_probe_gives_the_early_parameters_the_cross_entropy_gradient_alone(tmp_path):
     """benchmarks/transfer_probes.py ce_early: the early parameters' gradient is the cross-entropy's, computed here

@@ -23,7 +23,7 @@ The code lives in private modules, one per step: ``_loading`` (1), ``_columns`` 
 """
 
 from ._columns import _integer_labels as _integer_labels
-from ._columns import find_columns
+from ._columns import find_columns, find_image_column
 from ._constants import (
     IMAGE_COLUMN_NAMES,
     IMAGE_EXTENSIONS,
@@ -80,6 +80,7 @@ __all__ = [
     "collate_batch",
     "keep_batches_on_device",
     "find_columns",
+    "find_image_column",
     "load_image_dataset",
     "prepare_dataset",
     "prepare_for_model",

@@ -28,6 +28,11 @@ def find_columns(ds: datasets.Dataset | datasets.DatasetDict) -> tuple[str, str]
     return _find_image_column(ds), _find_label_column(ds)
 
 
+def find_image_column(ds: datasets.Dataset | datasets.DatasetDict) -> str:
+    """The image column alone (``img``, ``image`` or the first ``datasets.Image`` column), for unlabeled data."""
+    return _find_image_column(_one_split(ds))
+
+
 def _one_split(ds: datasets.Dataset | datasets.DatasetDict) -> datasets.Dataset:
     """A DatasetDict's "train" split (or its first split); a Dataset as it is."""
     if isinstance(ds, datasets.DatasetDict):

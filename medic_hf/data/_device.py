@@ -48,11 +48,12 @@ class DeviceImageSet(torch.utils.data.Dataset):
         cls,
         ds: datasets.Dataset,
         image_column: str,
-        label_column: str,
+        label_column: str | None,
         preprocessing: dict,
         device: torch.device | str = "cpu",
     ) -> DeviceImageSet:
-        """Decode and resize every image once (evaluation preprocessing, without normalisation)."""
+        """Decode and resize every image once (evaluation preprocessing, without normalisation). Without a
+        `label_column` (unlabeled images) every label is -1."""
         channels, height, width = preprocessing["input_size"]
         convert = ConvertMode("L" if channels == 1 else "RGB")
         resize = ResizeCenterCrop(
@@ -66,7 +67,10 @@ class DeviceImageSet(torch.utils.data.Dataset):
                 array = np.array(resize(convert(_as_pil(image))), dtype=np.uint8)
                 array = array[:, :, None] if array.ndim == 2 else array
                 images[start + i] = torch.from_numpy(array).permute(2, 0, 1)
-        labels = torch.tensor(_integer_labels(ds, label_column), dtype=torch.int64)  # copied: read-only array
+        if label_column is None:
+            labels = torch.full((len(ds),), -1, dtype=torch.int64)
+        else:
+            labels = torch.tensor(_integer_labels(ds, label_column), dtype=torch.int64)  # copied: read-only array
         return cls(images.to(device), labels.to(device))
 
     @staticmethod

@@ -62,6 +62,17 @@ class CloneArguments:
         default=None,
         metadata={"help": "attack.json describing the trigger, to measure ASR; default: the model folder's one."},
     )
+    unlabeled_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Unlabeled images added to the clone loss (a Hub data set id or a local folder; labels are "
+            "ignored), e.g. public images of the base's pretraining domain (docs/transfer.md). Default: none."
+        },
+    )
+    unlabeled_split: str = field(default="train", metadata={"help": "Split of --unlabeled_dataset_name to use."})
+    unlabeled_samples: int | None = field(
+        default=None, metadata={"help": "Use the first N images of that split (default: all of them)."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
     allow_accuracy_drop: bool = field(
         default=False,
@@ -81,6 +92,22 @@ def backdoor_view(script_args: CloneArguments, test):
         return None, None
     attack = load_attack(Path(attack_file).parent if Path(attack_file).is_file() else attack_file)
     return attack, attack.backdoor_test_view(test)
+
+
+def unlabeled_images(script_args: CloneArguments):
+    """The --unlabeled_dataset_name split (its first --unlabeled_samples images), or None."""
+    if not script_args.unlabeled_dataset_name:
+        return None
+    data = load_image_dataset(script_args.unlabeled_dataset_name)
+    if script_args.unlabeled_split not in data:
+        raise SystemExit(
+            f"--unlabeled_split {script_args.unlabeled_split}: {script_args.unlabeled_dataset_name} has the splits "
+            f"{sorted(data)}; name one of them."
+        )
+    images = data[script_args.unlabeled_split]
+    if script_args.unlabeled_samples:
+        images = images.select(range(min(script_args.unlabeled_samples, len(images))))
+    return images
 
 
 def percent(metrics: dict, key: str) -> str:
@@ -125,6 +152,7 @@ def main(args: list[str] | None = None) -> dict:
         if backdoor is not None:
             eval_sets["backdoor"] = backdoor
 
+    unlabeled = unlabeled_images(script_args)
     teacher = load_model(script_args.model_name_or_path, trust_remote_code=script_args.trust_remote_code)
     cloner = MedicCloner(
         teacher,
@@ -134,6 +162,7 @@ def main(args: list[str] | None = None) -> dict:
         dataset_name=script_args.dataset_name,
         base_model_name=script_args.model_name_or_path,
         student=script_args.student_name_or_path,
+        unlabeled_dataset=unlabeled,
         trust_remote_code=script_args.trust_remote_code,
     )
     checkpoint = config.resume_from_checkpoint
@@ -153,6 +182,8 @@ def main(args: list[str] | None = None) -> dict:
         "student_base": cloner.student_base[0] if cloner.student_base else None,
         "dataset": public_name(script_args.dataset_name),
         "clean_samples": len(clean),
+        "unlabeled_dataset": public_name(script_args.unlabeled_dataset_name) if unlabeled is not None else None,
+        "unlabeled_samples": len(unlabeled) if unlabeled is not None else 0,
         "resumed_from": cloner.resumed_from,
         "steps": cloner.state.global_step,
         "epochs": round(float(cloner.state.epoch or 0.0), 2),
