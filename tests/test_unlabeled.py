@@ -68,17 +68,8 @@ def test_loss_is_cross_entropy_on_labelled_rows_plus_clone_loss_on_all(tmp_path)
 
 def test_training_draws_unlabeled_batches_and_records_them(tmp_path):
     seen = []
-    args = MedicConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        unlabeled_batch_size=5,
-        save_strategy="steps",
-        save_steps=1,
-        disable_tqdm=True,
-        image_size=[32],
-        max_accuracy_drop=None,
-    )
+    sizes = dict(max_steps=2, per_device_train_batch_size=4, unlabeled_batch_size=5, image_size=[32])
+    args = make_config(tmp_path, save_strategy="steps", save_steps=1, max_accuracy_drop=None, **sizes)
     unlabeled = unlabeled_images()
     cloner = MedicCloner(timm_resnet(), args, train_dataset=image_dataset(), unlabeled_dataset=unlabeled)
     assert cloner.unlabeled_images.dtype == torch.uint8 and cloner.unlabeled_images.shape == (12, 3, 32, 32)
