@@ -235,7 +235,7 @@ class MedicCloner(ClassifierTrainer):
 
             self._setup_neurons(teacher, student)
             self._raw_unlabeled = unlabeled_dataset
-            self.unlabeled_images, self.unlabeled_transform = self._prepare_unlabeled(unlabeled_dataset)
+            self.unlabeled_images = self._prepare_unlabeled(unlabeled_dataset)
             self.stats = NeuronStats(self.channel_dims, args.stats_granularity, args.sigma_floor)
             self.metrics_before: dict[str, float] = {}
             self.metrics_after: dict[str, float] = {}
@@ -244,11 +244,11 @@ class MedicCloner(ClassifierTrainer):
 
     # ------------------------------------------------------------------ set-up
 
-    def _prepare_unlabeled(self, dataset) -> tuple[torch.Tensor | None, DeviceBatchTransform | None]:
-        """Unlabeled images as one uint8 tensor on the device (the teacher's evaluation preprocessing), and the
-        batched augmentation and normalisation of the clean set."""
+    def _prepare_unlabeled(self, dataset) -> torch.Tensor | None:
+        """Unlabeled images as one uint8 tensor on the device (the teacher's evaluation preprocessing); their
+        batches go through `_model_input`, as the clean set's do."""
         if dataset is None:
-            return None, None
+            return None
         preprocessing = self._resolve_preprocessing()
         megabytes = DeviceImageSet.nbytes(dataset, preprocessing) / 2**20
         if megabytes > self.args.device_data_max_mb:
@@ -260,14 +260,16 @@ class MedicCloner(ClassifierTrainer):
         image_column = find_image_column(dataset)
         logger.info(f"Unlabeled images for the clone loss: {len(dataset)} ({image_column!r} column).")
         images = DeviceImageSet.from_dataset(dataset, image_column, None, preprocessing, device=self.args.device)
-        return images.images, DeviceBatchTransform(preprocessing)
+        if self.device_transform is None:  # a clean set loaded per image has none; it only acts on uint8 batches
+            self.device_transform = DeviceBatchTransform(preprocessing)
+        return images.images
 
     def _unlabeled_batch(self) -> torch.Tensor:
         """`unlabeled_batch_size` unlabeled images drawn at random (torch's generator, which the Trainer seeds and
         saves in checkpoints), augmented and normalised as the clean batches are."""
         size = self.args.unlabeled_batch_size or self.args.per_device_train_batch_size
         index = torch.randint(len(self.unlabeled_images), (size,), device=self.unlabeled_images.device)
-        return self.unlabeled_transform(self.unlabeled_images[index], train=self.args.augment)
+        return self._model_input(self.unlabeled_images[index], train=True)
 
     def _attention_left_out(self, student: nn.Module) -> list[str]:
         """The attention layers' modules, when they are not cloned (`clone_attention`)."""
