@@ -49,7 +49,7 @@ from .neurons import (
     prefix_tokens,
 )
 from .timing import StepTimer
-from .training import ClassifierTrainer, distillation_loss, random_state_kept
+from .training import ClassifierTrainer, distillation_loss, random_state_kept, soft_target_loss
 
 logger = logging.get_logger(__name__)
 
@@ -70,6 +70,7 @@ FINGERPRINT_SETTINGS = (
     "mix_inputs",
     "mix_alpha",
     "unlabeled_batch_size",
+    "unlabeled_loss",
     "ema_decay",
     "student_input_noise",
     "student_input_blend",
@@ -434,7 +435,7 @@ class MedicCloner(ClassifierTrainer):
                     diagnostics[name]["sum_w"] = w.sum(dim=1).mean().item()
         if diagnostics is not None:
             self._diagnostics = diagnostics
-        if self.args.logit_distillation > 0:  # only _label_loss reads them
+        if self.args.logit_distillation > 0 or self._distils_unlabeled():  # only the distillation terms read them
             self._teacher_logits = (logits[:1] if one_sample else logits).detach().float()
         return targets
 
@@ -478,14 +479,22 @@ class MedicCloner(ClassifierTrainer):
         for name, (teacher_f, w) in targets.items():
             student_f = student_activations[name].float()
             clone = clone + self.layer_clone_loss(teacher_f, student_f, self.stats.std[name], w)
+        if self.unlabeled_images is not None and self.args.unlabeled_loss == "logits":
+            clone = clone[:labelled]  # the unlabeled rows teach through their logits only
         clone = clone.mean()
         loss = ce + self.current_clone_loss_weight() * clone
+        if self._distils_unlabeled():
+            teacher = self._teacher_logits[labelled:]
+            loss = loss + soft_target_loss(logits[labelled:].float(), teacher, self.args.distillation_temperature)
         if not torch.isfinite(loss):
             self._stop_on_non_finite(ce, clone)
         if self.args.logging_strategy != "no":
             self._running["ce"].append(ce.detach())
             self._running["clone"].append(clone.detach())
         return (loss, {"logits": logits[:labelled]}) if return_outputs else loss
+
+    def _distils_unlabeled(self) -> bool:
+        return self.unlabeled_images is not None and self.args.unlabeled_loss in ("logits", "both")
 
     def _label_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on the labels, mixed with distillation of the teacher's softened outputs when asked."""
@@ -777,6 +786,7 @@ class MedicCloner(ClassifierTrainer):
             "unlabeled_batch_size": (a.unlabeled_batch_size or a.per_device_train_batch_size)
             if self.unlabeled_images is not None
             else None,
+            "unlabeled_loss": a.unlabeled_loss if self.unlabeled_images is not None else None,
             "mix_inputs": a.mix_inputs if a.mix_inputs == "none" else f"{a.mix_inputs} (α = {a.mix_alpha:g})",
             "hook_layers": ",".join(a.hook_layers),
             "clone_logits": a.clone_logits,

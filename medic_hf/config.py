@@ -12,6 +12,7 @@ STATS_GRANULARITIES = ("channel", "neuron")
 CLONE_POSITIONS = ("each", "mean")
 IMPACT_SCALES = ("sigma", "rms")
 CLONE_LOSS_SCHEDULES = ("constant", "cosine")
+UNLABELED_LOSSES = ("clone", "logits", "both")
 MIX_INPUTS = ("none", "mixup", "cutmix")
 # The frozen_fraction of a student started from a trusted base, chosen on the transfer benchmark (docs/transfer.md).
 BASE_FROZEN_FRACTION = 0.25
@@ -161,6 +162,16 @@ class MedicConfig(ClassifierConfig):
             "--unlabeled_dataset_name) and added to every clean batch: they enter the clone loss only, their "
             "importance weights taken at the teacher's own predicted class; the cross-entropy stays on the labelled "
             "clean images. None: per_device_train_batch_size. Without an unlabeled data set it does nothing."
+        },
+    )
+    unlabeled_loss: str = field(
+        default="clone",
+        metadata={
+            "help": "What the unlabeled images teach the student. 'clone': the clone loss (Eq. 1, importance at the "
+            "teacher's own class). 'logits': only the teacher's softened class probabilities, T²·KL(teacher ‖ "
+            "student) at distillation_temperature, added to the loss (Pang et al.'s distillation on unlabeled data); "
+            "they are left out of the clone loss. 'both': the two. Without an unlabeled data set it does nothing.",
+            "choices": list(UNLABELED_LOSSES),
         },
     )
     ema_decay: float = field(
@@ -348,6 +359,8 @@ class MedicConfig(ClassifierConfig):
             raise ValueError(f"clone_loss_schedule={self.clone_loss_schedule!r}: use one of {CLONE_LOSS_SCHEDULES}.")
         if self.unlabeled_batch_size is not None and self.unlabeled_batch_size < 1:
             raise ValueError(f"unlabeled_batch_size={self.unlabeled_batch_size}: use a count >= 1, or None.")
+        if self.unlabeled_loss not in UNLABELED_LOSSES:
+            raise ValueError(f"unlabeled_loss={self.unlabeled_loss!r}: choose one of {UNLABELED_LOSSES}.")
         if self.mix_inputs not in MIX_INPUTS:
             raise ValueError(f"mix_inputs={self.mix_inputs!r}: choose one of {MIX_INPUTS}.")
         if not 0 <= self.logit_distillation <= 1:

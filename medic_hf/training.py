@@ -149,10 +149,14 @@ def distillation_loss(
     ce = F.cross_entropy(logits, labels)
     if alpha == 0:
         return ce
+    return (1 - alpha) * ce + alpha * soft_target_loss(logits, teacher_logits, temperature)
+
+
+def soft_target_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(logits / T))``, averaged over the batch (Hinton et al.)."""
     t = temperature
     teacher = F.log_softmax(teacher_logits / t, dim=-1)
-    kl = F.kl_div(F.log_softmax(logits / t, dim=-1), teacher, log_target=True, reduction="batchmean")
-    return (1 - alpha) * ce + alpha * t * t * kl
+    return t * t * F.kl_div(F.log_softmax(logits / t, dim=-1), teacher, log_target=True, reduction="batchmean")
 
 
 def preprocessing_overrides(args) -> dict:

@@ -66,6 +66,48 @@ def test_loss_is_cross_entropy_on_labelled_rows_plus_clone_loss_on_all(tmp_path)
     cloner.remove_hooks()
 
 
+@pytest.mark.parametrize("unlabeled_loss", ["logits", "both"])
+def test_unlabeled_rows_can_teach_through_the_teachers_logits(tmp_path, unlabeled_loss):
+    """By hand: 'logits' = CE + λ·(clone loss of the labelled rows) + T²·KL(teacher ‖ student) on the unlabeled
+    rows; 'both' keeps the clone loss over every row and adds the same KL."""
+    data, extra = pixel_dataset(8), pixel_dataset(6, seed=3)
+    teacher = calibrate(ALL_TINY_MODELS["plain_wrn"](), data)
+    config = make_config(tmp_path, unlabeled_batch_size=6, clone_loss_weight=3.0, unlabeled_loss=unlabeled_loss)
+    cloner = MedicCloner(teacher, config, train_dataset=data)
+    cloner.stats = cloner.compute_statistics()
+    x, y, x_extra = data[:8]["pixel_values"], data[:8]["labels"], extra[:6]["pixel_values"]
+    cloner.unlabeled_images = x_extra
+    cloner._unlabeled_batch = lambda: x_extra
+    student = cloner.model.train()
+    loss = cloner.compute_loss(student, {"pixel_values": x, "labels": y})
+    ce, clone = cloner._running["ce"][-1], cloner._running["clone"][-1]
+    with torch.no_grad():
+        t = config.distillation_temperature
+        p_teacher = F.softmax(teacher(x_extra) / t, dim=-1)
+        log_p_student = F.log_softmax(student(torch.cat([x, x_extra]))[8:] / t, dim=-1)  # one batch, as trained
+        kl = t * t * (p_teacher * (p_teacher.log() - log_p_student)).sum(-1).mean()
+    assert kl.item() > 1e-4  # a term that can be told apart
+    assert loss.item() == pytest.approx(ce.item() + 3.0 * clone.item() + kl.item(), rel=1e-5)
+
+    # The clone term, by rows: the option-free loss on the same 14 rows (the teacher's classes as the unlabeled rows'
+    # labels), each row's sum over layers recorded; 'logits' averages the labelled rows', 'both' every row's.
+    cloner.unlabeled_images, layer_terms = None, []
+    layer_clone_loss = cloner.layer_clone_loss
+    cloner.layer_clone_loss = lambda *tensors: layer_terms.append(layer_clone_loss(*tensors)) or layer_terms[-1]
+    pseudo = teacher(x_extra).argmax(-1)
+    cloner.compute_loss(student, {"pixel_values": torch.cat([x, x_extra]), "labels": torch.cat([y, pseudo])})
+    by_row = torch.stack(layer_terms).sum(0)
+    expected = by_row[:8].mean() if unlabeled_loss == "logits" else by_row.mean()
+    assert by_row.shape == (14,) and not torch.allclose(by_row[:8].mean(), by_row.mean())
+    assert clone.item() == pytest.approx(expected.item(), rel=1e-5)
+    cloner.remove_hooks()
+
+
+def test_unlabeled_loss_must_be_known(tmp_path):
+    with pytest.raises(ValueError, match="unlabeled_loss='kl'"):
+        MedicConfig(output_dir=str(tmp_path), unlabeled_loss="kl")
+
+
 def test_training_draws_unlabeled_batches_and_records_them(tmp_path):
     seen = []
     sizes = dict(max_steps=2, per_device_train_batch_size=4, unlabeled_batch_size=5, image_size=[32])
