@@ -1,4 +1,4 @@
-"""Thirteen probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
+"""Fourteen probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
 settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains them first):
 
 - `reset_teacher`: where each backdoor lives. The trojaned model with its first `--fraction` of conv / norm / linear
@@ -81,6 +81,14 @@ settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains th
 
       OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py l2sp --alpha 0.01 --seeds 0 \\
           --output_dir benchmarks/results/transfer-set2 --methods medic_base --attacks sig-half --tag l2sp0.01
+
+- `unlabeled_early`: MEDIC from the base with unlabeled images (`--unlabeled_upstream`) whose rows enter the clone
+  loss of the first `--unlabeled_fraction` of the cloned modules only (the labelled rows enter every module's):
+  whether the accuracy they bring and the SIG they carry come from different depths:
+
+      OMP_NUM_THREADS=1 python benchmarks/transfer_probes.py unlabeled_early --unlabeled_fraction 0.5 \\
+          --models_dir runs/transfer-set4 --output_dir benchmarks/results/transfer-set4 --methods medic_base \\
+          --seeds 0 1 --attacks sig-half badnets-5px --unlabeled_upstream 5000 --tag unl5000-early0.5
 
 - `pooled`: MEDIC from the base whose clone loss compares each channel's mean over the positions (pixels, tokens)
   instead of every position (`medic_hf.importance.pooled_clone_loss`): the student must match what the teacher's
@@ -568,6 +576,24 @@ class PooledCloner(MedicCloner):
         self.clone_positions, self.num_prefix_tokens = "mean", 0
 
 
+def unlabeled_early_cloner(fraction: float):
+    """The unlabeled rows (`--unlabeled_upstream`) enter the clone loss of the first `fraction` of the cloned modules
+    only, in the order they run; the labelled rows enter every module's. Their importance weights are zeroed in the
+    later modules, which Eq. 1 then ignores for them."""
+
+    class UnlabeledEarlyCloner(MedicCloner):
+        def _teacher_targets(self, pixel_values, labels):
+            targets = super()._teacher_targets(pixel_values, labels)
+            unlabeled = labels < 0
+            names = list(targets)
+            for name in names[round(fraction * len(names)) :]:
+                features, weights = targets[name]
+                targets[name] = (features, weights * ~unlabeled.view(-1, *[1] * (weights.dim() - 1)))
+            return targets
+
+    return UnlabeledEarlyCloner
+
+
 def probe_options(probe: str) -> argparse.ArgumentParser:
     """The probe's own flags; every other flag goes to `benchmarks/transfer.py`."""
     parser = argparse.ArgumentParser(prog=f"transfer_probes.py {probe}")
@@ -579,6 +605,10 @@ def probe_options(probe: str) -> argparse.ArgumentParser:
         parser.add_argument("--prune_ratio", type=float, default=0.2, help="Fraction of each module's units pruned.")
         parser.add_argument(
             "--prune_modules", default=PRUNED_MODULES, help="Regex of the modules whose units are pruned."
+        )
+    elif probe == "unlabeled_early":
+        parser.add_argument(
+            "--unlabeled_fraction", type=float, default=0.5, help="Fraction of the cloned modules the unlabeled see."
         )
     elif probe == "adv_unlearn":
         parser.add_argument("--adv_epsilon", type=float, default=0.5, help="L-inf bound, in per-channel stds.")
@@ -598,6 +628,7 @@ CLONERS = {
     "trivial_augment": lambda options: AugmentedCloner,
     "pruned_teacher": lambda options: pruned_teacher_cloner(options.prune_ratio, options.prune_modules),
     "pooled": lambda options: PooledCloner,
+    "unlabeled_early": lambda options: unlabeled_early_cloner(options.unlabeled_fraction),
 }
 
 
