@@ -1,10 +1,17 @@
-"""Fourteen probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
+"""Fifteen probes of docs/transfer.md ("A second set of models", "A second architecture") that are not MedicConfig
 settings, on the transfer benchmark's models (`benchmarks/transfer.py` trains them first):
 
 - `reset_teacher`: where each backdoor lives. The trojaned model with its first `--fraction` of conv / norm / linear
   modules (and every parameter before them) put back to the base's values, evaluated as it is (no training):
 
       python benchmarks/transfer_probes.py reset_teacher --attacks sig-half label_consistent
+
+- `teacher_classes`: the share of upstream images (other classes than the task's) that the clean downstream model
+  and each trojaned model predict as each downstream class, the target named (one JSON line per model):
+
+      python benchmarks/transfer_probes.py teacher_classes --models_dir runs/transfer-set4 \\
+          --attacks badnets-5px blended label_consistent sig-half | grep "^{" \\
+          > benchmarks/results/transfer-set4/teacher_classes.jsonl
 
 - `delta_mask`: whether the backdoor lives in the part of the fine-tuning (Δ = trojaned − base) that matters least on
   clean data: the trojaned model with all but the `--keeps` fraction of Δ of highest saliency on the defender's clean
@@ -119,11 +126,12 @@ import transfer  # noqa: E402
 from medic_hf import MedicCloner  # noqa: E402
 from medic_hf.averaging import WeightAverage  # noqa: E402
 from medic_hf.config import BASE_FROZEN_FRACTION  # noqa: E402
-from medic_hf.data import class_balanced_subset, load_image_dataset, prepare_for_model  # noqa: E402
+from medic_hf.data import class_balanced_subset, find_columns, load_image_dataset, prepare_for_model  # noqa: E402
 from medic_hf.defenses._training import recompute_batchnorm  # noqa: E402
 from medic_hf.modeling import forward_logits, load_model, make_student, student_from_base  # noqa: E402
 from medic_hf.neurons import early_modules  # noqa: E402
-from medic_hf.scripts.benchmark import evaluate  # noqa: E402
+from medic_hf.scripts.benchmark import evaluate, predict  # noqa: E402
+from medic_hf.scripts.poison import select_classes  # noqa: E402
 
 
 def early_keys(model: torch.nn.Module, fraction: float) -> set[str]:
@@ -151,6 +159,25 @@ def each_attack(argv: list[str], parser: argparse.ArgumentParser):
     for attack in args.attacks:
         teacher_dir = transfer.downstream(bench, attack)
         yield args, bench, attack, teacher_dir, transfer.task_data(bench, dataset, teacher_dir)
+
+
+def teacher_classes(argv: list[str]) -> None:
+    """The share of `--samples` upstream images (class-balanced, seed 0) that the clean downstream model and each
+    trojaned model put in each downstream class, the attack's target named: whether the target is a sink for them."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=2000)
+    clean = None
+    for args, bench, attack, teacher_dir, data in each_attack(argv, parser):
+        if clean is None:  # the same upstream images and clean model for every attack
+            dataset = load_image_dataset(bench.dataset_name)
+            _, label_column = find_columns(dataset["train"])
+            upstream = select_classes(dataset["train"], label_column, bench.upstream_classes)
+            images = class_balanced_subset(upstream, num_samples=args.samples, seed=0)
+            clean = predict(load_model(transfer.downstream(bench, "none")), images, 256)
+        for model, predicted in (("clean", clean), (attack, predict(load_model(teacher_dir), images, 256))):
+            shares = torch.bincount(torch.as_tensor(predicted), minlength=len(bench.downstream_classes)) / len(images)
+            row = {"attack": attack, "model": model, "target": data["target"], "shares": shares.tolist()}
+            print(json.dumps(row), flush=True)
 
 
 def reset_teacher(argv: list[str]) -> None:
@@ -635,6 +662,7 @@ CLONERS = {
 # The probes that evaluate models without running the benchmark: probe -> its function of the command line.
 EVALUATIONS = {
     "reset_teacher": reset_teacher,
+    "teacher_classes": teacher_classes,
     "universal_perturbation": universal_perturbation,
     "delta_mask": delta_mask,
     "prune_dormant": prune_dormant,
