@@ -139,8 +139,9 @@ class MedicCloner(ClassifierTrainer):
             (`medic_hf.modeling.student_from_base`).
         unlabeled_dataset: optional unlabeled images (a `datasets.Dataset` with an image column; a label column
             is ignored), e.g. public images of the base's pretraining domain. `unlabeled_batch_size` of them are
-            drawn at random and added to every clean batch for the clone loss only (docs/transfer.md); they are
-            decoded once onto the training device with the teacher's preprocessing and augmented as the clean set.
+            drawn at random and added to every clean batch, for the clone loss only or the teacher's logits
+            (`unlabeled_loss`; docs/transfer.md); they are decoded once onto the training device with the teacher's
+            preprocessing and augmented as the clean set.
         image_processor: a transformers image processor to preprocess image columns (else the timm data config
             or the model config is used).
         trust_remote_code: passed to transformers when `model` is a string; off unless you ask.

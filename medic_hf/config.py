@@ -159,9 +159,10 @@ class MedicConfig(ClassifierConfig):
         default=None,
         metadata={
             "help": "Images drawn at random from the unlabeled data set (MedicCloner(unlabeled_dataset=...), "
-            "--unlabeled_dataset_name) and added to every clean batch: they enter the clone loss only, their "
-            "importance weights taken at the teacher's own predicted class; the cross-entropy stays on the labelled "
-            "clean images. None: per_device_train_batch_size. Without an unlabeled data set it does nothing."
+            "--unlabeled_dataset_name) and added to every clean batch: they enter the clone loss only (or the "
+            "teacher's logits, unlabeled_loss), their importance weights taken at the teacher's own predicted class; "
+            "the cross-entropy stays on the labelled clean images. None: per_device_train_batch_size. Without an "
+            "unlabeled data set it does nothing."
         },
     )
     unlabeled_loss: str = field(
