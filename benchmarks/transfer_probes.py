@@ -609,8 +609,8 @@ def unlabeled_early_cloner(fraction: float):
     later modules, which Eq. 1 then ignores for them."""
 
     class UnlabeledEarlyCloner(MedicCloner):
-        def _teacher_targets(self, pixel_values, labels):
-            targets = super()._teacher_targets(pixel_values, labels)
+        def _teacher_targets(self, pixel_values, labels, clone_rows=None):
+            targets = super()._teacher_targets(pixel_values, labels, clone_rows)
             unlabeled = labels < 0
             names = list(targets)
             for name in names[round(fraction * len(names)) :]:

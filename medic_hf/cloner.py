@@ -385,10 +385,13 @@ class MedicCloner(ClassifierTrainer):
             weight *= 0.5 * (1.0 + math.cos(math.pi * self._progress()))
         return weight
 
-    def _teacher_targets(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict[str, tuple]:
+    def _teacher_targets(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor, clone_rows: int | None = None
+    ) -> dict[str, tuple]:
         """Teacher activations (fp32, detached) and their importance weights, one forward + one autograd.grad.
 
-        `labels` are class indices, or class probabilities (B, C) for mixed inputs.
+        `labels` are class indices, or class probabilities (B, C) for mixed inputs. Targets are made for the first
+        `clone_rows` rows only (all when None); the teacher's logits cover every row.
         """
         args = self.args
         one_sample = pixel_values.shape[0] == 1 and self.needs_teacher_grad
@@ -415,8 +418,8 @@ class MedicCloner(ClassifierTrainer):
             for (name, f), g in zip(activations.items(), grads):
                 if self.needs_teacher_grad:
                     g = torch.zeros_like(f) if g is None else g
-                    g = per_sample(g.float(), self.rows_per_sample[name])
-                f = per_sample(f.detach().float(), self.rows_per_sample[name])
+                    g = per_sample(g.float(), self.rows_per_sample[name])[:clone_rows]
+                f = per_sample(f.detach().float(), self.rows_per_sample[name])[:clone_rows]
                 mean, std = self.stats.mean[name], self.stats.std[name]
                 w, parts = importance_weights(
                     f,
@@ -464,7 +467,9 @@ class MedicCloner(ClassifierTrainer):
             unlabeled = self._unlabeled_batch().to(pixel_values.dtype)
             pixel_values = torch.cat([pixel_values, unlabeled])
             labels = torch.cat([labels, labels.new_full((unlabeled.shape[0],), -1)])
-        targets = self._teacher_targets(pixel_values, labels)
+        # With unlabeled_loss="logits" the unlabeled rows (after the labelled ones) are left out of the clone loss.
+        clone_rows = labelled if self.unlabeled_images is not None and self.args.unlabeled_loss == "logits" else None
+        targets = self._teacher_targets(pixel_values, labels, clone_rows)
         if self.args.student_input_noise > 0:  # the student learns the clean targets from a perturbed image
             pixel_values = pixel_values + self.args.student_input_noise * torch.randn_like(pixel_values)
         if self.args.student_input_blend > 0:  # the same, with another clean image faintly laid over it
@@ -476,12 +481,10 @@ class MedicCloner(ClassifierTrainer):
         finally:
             self.student_recorder.set_enabled(False)
         ce = self._label_loss(logits[:labelled].float(), labels[:labelled])
-        clone = logits.new_zeros(labels.shape[0], dtype=torch.float32)
+        clone = logits.new_zeros(labels[:clone_rows].shape[0], dtype=torch.float32)
         for name, (teacher_f, w) in targets.items():
-            student_f = student_activations[name].float()
+            student_f = student_activations[name][:clone_rows].float()
             clone = clone + self.layer_clone_loss(teacher_f, student_f, self.stats.std[name], w)
-        if self.unlabeled_images is not None and self.args.unlabeled_loss == "logits":
-            clone = clone[:labelled]  # the unlabeled rows teach through their logits only
         clone = clone.mean()
         loss = ce + self.current_clone_loss_weight() * clone
         if self._distils_unlabeled():
