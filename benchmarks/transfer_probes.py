@@ -611,7 +611,7 @@ def unlabeled_early_cloner(fraction: float):
     class UnlabeledEarlyCloner(MedicCloner):
         def _teacher_targets(self, pixel_values, labels, clone_rows=None):
             targets = super()._teacher_targets(pixel_values, labels, clone_rows)
-            unlabeled = labels < 0
+            unlabeled = (labels < 0)[:clone_rows]  # the rows the targets were made for
             names = list(targets)
             for name in names[round(fraction * len(names)) :]:
                 features, weights = targets[name]

@@ -467,8 +467,9 @@ class MedicCloner(ClassifierTrainer):
             unlabeled = self._unlabeled_batch().to(pixel_values.dtype)
             pixel_values = torch.cat([pixel_values, unlabeled])
             labels = torch.cat([labels, labels.new_full((unlabeled.shape[0],), -1)])
-        # With unlabeled_loss="logits" the unlabeled rows (after the labelled ones) are left out of the clone loss.
-        clone_rows = labelled if self.unlabeled_images is not None and self.args.unlabeled_loss == "logits" else None
+        # With unlabeled_loss="logits" the unlabeled rows (after the labelled ones) are left out of the clone loss;
+        # without unlabeled images `labelled` is the whole batch.
+        clone_rows = labelled if self.args.unlabeled_loss == "logits" else None
         targets = self._teacher_targets(pixel_values, labels, clone_rows)
         if self.args.student_input_noise > 0:  # the student learns the clean targets from a perturbed image
             pixel_values = pixel_values + self.args.student_input_noise * torch.randn_like(pixel_values)
