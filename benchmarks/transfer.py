@@ -110,6 +110,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--poison_config", default=str(ROOT / "recipes" / "poison_cifar10_small.yaml"))
     parser.add_argument("--upstream_classes", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--downstream_classes", type=int, nargs="+", default=[5, 6, 7, 8, 9])
+    parser.add_argument(
+        "--split_train",
+        action="store_true",
+        help="The base trains on the first half of the training split, the downstream models (and the defender's "
+        "clean set) come from the second: the two tasks may then share classes (a base that already knows the "
+        "downstream's concepts from other images, as an ImageNet base knows CIFAR-10's).",
+    )
     parser.add_argument("--upstream_epochs", type=int, default=20, help="Epochs of the base (the preset's 20).")
     parser.add_argument("--downstream_epochs", type=int, default=10, help="Epochs of each downstream fine-tune.")
     parser.add_argument("--downstream_lr", type=float, default=0.05, help="SGD learning rate of the fine-tunes.")
@@ -179,8 +186,18 @@ def train_model(args, name: str, flags: list[str]) -> Path:
     return folder
 
 
+def shard_flags(args, half: int) -> list[str]:
+    """With --split_train, the base has the training split's first half (0) and the downstream task its second (1)."""
+    return ["--train_shard", f"{half}/2"] if args.split_train else []
+
+
+def train_half(args, dataset, half: int):
+    train = dataset["train"]
+    return train.shard(num_shards=2, index=half, contiguous=True) if args.split_train else train
+
+
 def upstream(args) -> Path:
-    classes = ["--classes", *map(str, args.upstream_classes)]
+    classes = ["--classes", *map(str, args.upstream_classes), *shard_flags(args, 0)]
     return train_model(
         args, "upstream", ["--attack", "none", *classes, "--num_train_epochs", str(args.upstream_epochs)]
     )
@@ -192,6 +209,7 @@ def downstream(args, attack: str) -> Path:
     flags = [
         "--classes",
         *map(str, args.downstream_classes),
+        *shard_flags(args, 1),
         "--init_from",
         str(base),
         "--new_classifier",
@@ -215,7 +233,7 @@ def downstream(args, attack: str) -> Path:
 
 def task_data(args, dataset, model_dir: Path) -> dict:
     _, label_column = find_columns(dataset["train"])
-    train = select_classes(dataset["train"], label_column, args.downstream_classes)
+    train = select_classes(train_half(args, dataset, 1), label_column, args.downstream_classes)
     test = select_classes(dataset["test"], label_column, args.downstream_classes)
     if args.max_eval_samples:
         test = test.select(range(min(args.max_eval_samples, len(test))))
@@ -244,7 +262,7 @@ def unlabeled_upstream(args, dataset, seed: int):
     if not args.unlabeled_upstream:
         return None
     _, label_column = find_columns(dataset["train"])
-    images = select_classes(dataset["train"], label_column, args.upstream_classes)
+    images = select_classes(train_half(args, dataset, 0), label_column, args.upstream_classes)
     images = class_balanced_subset(images, num_samples=args.unlabeled_upstream, seed=seed)
     return images.remove_columns(label_column)
 
@@ -480,6 +498,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = make_parser().parse_args(argv)
     if args.unlabeled_upstream and not args.tag:
         raise SystemExit("--unlabeled_upstream is another setting: give its cells a --tag (e.g. --tag unl5000).")
+    shared = set(args.upstream_classes) & set(args.downstream_classes)
+    if shared and not args.split_train:
+        raise SystemExit(
+            f"--upstream_classes and --downstream_classes share {sorted(shared)}: the two tasks would train on the "
+            "same images. Give disjoint classes, or --split_train (each task on its own half of the training split)."
+        )
     if not args.report_only:
         dataset = load_image_dataset(args.dataset_name)
         for attack in args.attacks:

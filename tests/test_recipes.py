@@ -123,6 +123,21 @@ def test_poison_transfer_upstream_then_downstream_classes(tmp_path):
     assert model.layer1[0].conv1.weight.shape == base.layer1[0].conv1.weight.shape
 
 
+def test_poison_train_shard_keeps_one_contiguous_part_of_the_training_split(tmp_path):
+    """--train_shard 1/2 trains on the fixture's last 50 training rows (the test split is untouched); a shard that
+    does not exist is refused before any data is read."""
+    from medic_hf.data import load_image_dataset
+
+    _, metrics = _poison(tmp_path, "half", "--attack", "none", "--train_shard", "1/2", "--classes", "7", "9")
+    train = load_image_dataset(FIXTURE)["train"]
+    assert metrics["train_rows"] == sum(label in (7, 9) for label in train["label"][50:])  # 7 + 8 by hand
+    assert metrics["clean_samples"] == sum(label in (7, 9) for label in load_image_dataset(FIXTURE)["test"]["label"])
+
+    for bad in ("2/2", "half", "1/0"):
+        with pytest.raises(SystemExit, match="--train_shard .*give 'i/n'"):
+            _poison(tmp_path, "bad", "--attack", "none", "--train_shard", bad, "--dataset_name", "/nonexistent")
+
+
 def test_poison_label_consistent_needs_and_uses_a_surrogate(tmp_path):
     with pytest.raises(SystemExit, match="--surrogate"):
         _poison(tmp_path, "lc0", "--attack", "label_consistent")

@@ -711,3 +711,34 @@ def test_transfer_compare_tables_two_methods_on_the_seeds_both_have(tmp_path):
     assert "| S | blended | 90.00 / 100.0 | 81.00 / 15.0 (20.0) — 85.0 | 78.00 / 5.0 — 95.0 | 2 |" in text
     assert "| S | 1 | -3.00 | 85.0 | 95.0 |" in text
     assert json.loads((tmp_path / "out.json").read_text())[0]["seeds"] == [0, 1]
+
+
+def test_transfer_benchmark_split_train_gives_each_task_its_own_half(tmp_path):
+    """--split_train: the base trains on the first half of the training split and the downstream models and the
+    defender's clean set come from the second, so the two tasks may share classes; without it, shared classes are
+    refused before anything trains."""
+    from medic_hf.data import load_image_dataset
+    from tests.conftest import benchmark_script
+
+    transfer = benchmark_script("transfer")
+    fixture = Path(__file__).resolve().parent / "fixtures" / "cifar_tiny"
+    argv = [
+        "--dataset_name", str(fixture), "--upstream_classes", "0", "1", "2", "--downstream_classes", "2", "1", "0",
+        "--upstream_epochs", "1", "--downstream_epochs", "1", "--attacks", "badnets", "--methods", "ft_base",
+        "--seeds", "0", "--clean_fraction", "0.5",
+        "--poison_args", """--model_kwargs {"channels":[8,8,8,8]} --per_device_train_batch_size 25""",
+        "--models_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="share \\[0, 1, 2\\].*--split_train"):
+        transfer.main(argv)
+    assert not (tmp_path / "models").exists()
+
+    transfer.main([*argv, "--split_train"])
+    labels = load_image_dataset(str(fixture))["train"]["label"]
+    first, second = (sum(label in (0, 1, 2) for label in half) for half in (labels[:50], labels[50:]))
+    assert (first, second) == (18, 12)  # counted by hand in the fixture
+    upstream = json.loads((tmp_path / "models" / "upstream" / "metrics.json").read_text())
+    trojaned = json.loads((tmp_path / "models" / "badnets" / "metrics.json").read_text())
+    assert upstream["train_rows"] == first and trojaned["train_rows"] == second
+    cell = json.loads((tmp_path / "out" / "cells" / "badnets" / "ft_base" / "seed0.json").read_text())
+    assert cell["clean_samples"] == 6  # half of the second half's 12, class-balanced

@@ -20,6 +20,7 @@ the model is trojaned.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +111,14 @@ class PoisonArguments:
             "label."
         },
     )
+    train_shard: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep only the i-th of n contiguous shards of the training split, given as 'i/n' (before "
+            "--classes): '0/2' and '1/2' are two disjoint halves, a base pretrained on one and fine-tuned on the "
+            "other (the transfer benchmark's --split_train, docs/transfer.md)."
+        },
+    )
     new_classifier: bool = field(
         default=False,
         metadata={
@@ -155,6 +164,16 @@ def make_optimizer(model, script_args: PoisonArguments, training_args: TrainingA
         nesterov=True,
         weight_decay=training_args.weight_decay,
     )
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'i/n' -> (i, n), checked: the i-th of n contiguous shards of a split."""
+    if not text:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise SystemExit(f"--train_shard {text!r}: give 'i/n' with 0 <= i < n, e.g. 0/2 for the first half.")
+    return int(match[1]), int(match[2])
 
 
 def select_classes(ds, label_column: str, classes: list[int]):
@@ -294,8 +313,11 @@ def main(args: list[str] | None = None) -> dict:
         raise SystemExit(f"--optimizer {script_args.optimizer!r}: choose one of {OPTIMIZERS}.")
     if script_args.attack != "none" and script_args.attack not in ATTACKS:
         raise SystemExit(f"--attack {script_args.attack!r}: choose one of {sorted(ATTACKS)} or 'none'.")
+    shard = parse_shard(script_args.train_shard)
     data = load_image_dataset(script_args.dataset_name)
     train, test = data[script_args.train_split], data[script_args.test_split]
+    if shard:
+        train = train.shard(num_shards=shard[1], index=shard[0], contiguous=True)
     if script_args.max_train_samples:
         train = train.select(range(min(script_args.max_train_samples, len(train))))
     if script_args.max_eval_samples:
