@@ -11,6 +11,8 @@
    - `medic`: MEDIC from scratch (the paper's method);
    - `clone_base`: plain cloning (τ = 0) from the base;
    - `ft_base`: fine-tuning the base (fresh classifier) on the clean set alone: needs no teacher at all;
+   - `probe_base`: a linear probe of the base (its features frozen, a fresh linear classifier fitted on them to the
+     clean set): needs no teacher either, and keeps every feature the base had;
    - `ft`, `nad`, `anp`, `fp`: the baselines on the trojaned model (`medic_hf.defenses`, the CPU preset's budgets);
      fine-pruning (`fp`) is the best defense of BackdoorBench's fine-tuned ViT-B/16 (docs/transfer.md), and NAD
      needs convolutional feature maps, so on a ViT it stops with its error;
@@ -18,6 +20,11 @@
      never saw a trigger, scored on each attack's backdoor view: what MEDIC's own student scores without a backdoor.
    The MEDIC-style runs evaluate the clean accuracy and the ASR every `--eval_every` epochs on `--trace_samples`
    test images (the no-rebound check); every cell ends with the full test split and its backdoor view.
+
+`--split_train` trains the base on the first half of the training split and everything downstream (the downstream
+models, the defender's clean set, `--unlabeled_upstream` images) on the second half, so the two tasks may share
+classes: a base that already knows the downstream task's concepts from other images, as an ImageNet base knows
+CIFAR-10's. Without it, shared classes are refused (the same images would be in both tasks).
 
 Every model and cell is written when it finishes and skipped when found, so the script resumes where it was killed:
 
@@ -42,7 +49,7 @@ import torch
 
 from medic_hf import MedicCloner, MedicConfig
 from medic_hf.attacks import load_attack
-from medic_hf.data import class_balanced_subset, find_columns, load_image_dataset
+from medic_hf.data import class_balanced_subset, find_columns, load_image_dataset, prepare_for_model
 from medic_hf.defenses import DEFENSES, FineTuningConfig, PlainCloneConfig, fine_tune
 from medic_hf.metrics import ATTACK_SUCCESS_RATE, CLEAN_ACCURACY, defense_effectiveness_rating
 from medic_hf.modeling import load_model
@@ -51,7 +58,7 @@ from medic_hf.scripts.benchmark import evaluate
 from medic_hf.scripts.poison import select_classes
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["medic_base", "medic", "clone_base", "ft_base", "ft", "nad", "anp", "fp", "clean_teacher"]
+METHODS = ["medic_base", "medic", "clone_base", "ft_base", "probe_base", "ft", "nad", "anp", "fp", "clean_teacher"]
 TRAJECTORY_METHODS = {"medic_base", "medic", "clone_base", "clean_teacher"}
 FROM_BASE = {"medic_base", "clone_base", "clean_teacher"}
 # The CPU preset's budgets (recipes/benchmark_cpu.yaml): fine-tuning 30 epochs, ANP 200 mask steps.
@@ -141,7 +148,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--baseline_kwargs",
         default="{}",
         help="JSON: config fields of the baselines (ft_base, ft, nad, anp, fp), e.g. another optimiser for another "
-        "architecture; their cells then take --tag too.",
+        "architecture, or probe_base's (l2, max_iter); their cells then take --tag too.",
     )
     parser.add_argument("--tag", default="", help="Suffix of the cells' method names (another setting).")
     parser.add_argument("--eval_every", type=int, default=3, help="Epochs between backdoor checks (0: none).")
@@ -296,6 +303,42 @@ def run_medic(
     return cloner.accelerator.unwrap_model(cloner.model).eval(), trajectory
 
 
+@torch.no_grad()
+def pre_logits(model: torch.nn.Module, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of a timm model's classifier on ``data`` (eval mode, no augmentation), and the labels."""
+    model.eval()
+    features, labels = [], []
+    for batch in torch.utils.data.DataLoader(prepare_for_model(data, model, train=False), batch_size=256):
+        features.append(model.forward_head(model.forward_features(batch["pixel_values"]), pre_logits=True))
+        labels.append(batch["labels"])
+    return torch.cat(features), torch.cat(labels)
+
+
+def linear_probe(base: torch.nn.Module, clean, num_classes: int, l2: float = 1e-3, max_iter: int = 500):
+    """The base with a fresh linear classifier fitted to the clean set on its frozen features (normalisation
+    statistics included): the linear probe of representation learning, an L2-penalised logistic regression solved
+    by L-BFGS on the whole set, as CLIP evaluates its features (Radford et al., ICML 2021). Deterministic: the seed
+    only chooses the clean set."""
+    if not hasattr(base, "forward_head"):
+        raise SystemExit("probe_base needs a timm model (forward_features / forward_head) as the base.")
+    base.reset_classifier(num_classes)
+    features, labels = pre_logits(base, clean)
+    head = base.get_classifier()
+    if not isinstance(head, torch.nn.Linear):
+        raise SystemExit(f"probe_base fits a linear classifier; this base's is {type(head).__name__}.")
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)  # a convex problem: start anywhere
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(features), labels) + l2 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return base.eval()
+
+
 def run_cell(args, attack: str, method: str, seed: int, dataset) -> dict:
     baseline_kwargs = json.loads(args.baseline_kwargs)
     tagged = args.tag and (method in TRAJECTORY_METHODS or baseline_kwargs)
@@ -323,6 +366,8 @@ def run_cell(args, attack: str, method: str, seed: int, dataset) -> dict:
         teacher = downstream(args, "none") if method == "clean_teacher" else teacher_dir
         unlabeled = unlabeled_upstream(args, dataset, seed)
         repaired, trajectory = run_medic(args, method, seed, teacher, base_dir, clean, data, work, unlabeled)
+    elif method == "probe_base":  # its fields: linear_probe's keywords
+        repaired = linear_probe(load_model(base_dir), clean, len(args.downstream_classes), **baseline_kwargs)
     else:  # a baseline: ft_base fine-tunes the base at fine-tuning's budget
         kwargs = {**BASELINE_KWARGS["ft" if method == "ft_base" else method], **baseline_kwargs}
         if method == "ft_base":

@@ -725,7 +725,7 @@ def test_transfer_benchmark_split_train_gives_each_task_its_own_half(tmp_path):
     argv = [
         "--dataset_name", str(fixture), "--upstream_classes", "0", "1", "2", "--downstream_classes", "2", "1", "0",
         "--upstream_epochs", "1", "--downstream_epochs", "1", "--attacks", "badnets", "--methods", "ft_base",
-        "--seeds", "0", "--clean_fraction", "0.5",
+        "probe_base", "--seeds", "0", "--clean_fraction", "0.5",
         "--poison_args", """--model_kwargs {"channels":[8,8,8,8]} --per_device_train_batch_size 25""",
         "--models_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "out"),
     ]  # fmt: skip
@@ -740,5 +740,29 @@ def test_transfer_benchmark_split_train_gives_each_task_its_own_half(tmp_path):
     upstream = json.loads((tmp_path / "models" / "upstream" / "metrics.json").read_text())
     trojaned = json.loads((tmp_path / "models" / "badnets" / "metrics.json").read_text())
     assert upstream["train_rows"] == first and trojaned["train_rows"] == second
-    cell = json.loads((tmp_path / "out" / "cells" / "badnets" / "ft_base" / "seed0.json").read_text())
-    assert cell["clean_samples"] == 6  # half of the second half's 12, class-balanced
+    for method in ("ft_base", "probe_base"):
+        cell = json.loads((tmp_path / "out" / "cells" / "badnets" / method / "seed0.json").read_text())
+        assert cell["clean_samples"] == 6  # half of the second half's 12, class-balanced
+
+
+def test_linear_probe_keeps_the_base_and_solves_the_penalised_logistic_regression():
+    """probe_base: every weight and statistic of the base stays as it was; the fresh classifier sits at the optimum of
+    cross-entropy + l2·|W|² on the base's frozen features, where that objective's gradient vanishes."""
+    from tests.conftest import benchmark_script
+
+    transfer = benchmark_script("transfer")
+    torch.manual_seed(0)
+    base = calibrate(timm_resnet(num_classes=5), pixel_dataset(24))
+    before = {k: v.clone() for k, v in base.state_dict().items() if not k.startswith("fc.")}
+    clean = pixel_dataset(24, num_classes=3, seed=1)
+    probed = transfer.linear_probe(base, clean, num_classes=3, l2=1e-2)
+
+    after = probed.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert probed.fc.out_features == 3 and not probed.training
+    features, labels = transfer.pre_logits(probed, clean)
+    weight, bias = (p.detach().clone().requires_grad_(True) for p in (probed.fc.weight, probed.fc.bias))
+    loss = torch.nn.functional.cross_entropy(features @ weight.T + bias, labels) + 1e-2 * weight.square().sum()
+    loss.backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+    assert loss < torch.log(torch.tensor(3.0))  # better than the zero start, which predicts every class alike
