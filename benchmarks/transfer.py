@@ -307,10 +307,11 @@ def run_medic(
 def pre_logits(model: torch.nn.Module, data) -> tuple[torch.Tensor, torch.Tensor]:
     """The inputs of a timm model's classifier on ``data`` (eval mode, no augmentation), and the labels."""
     model.eval()
+    device = next(model.parameters()).device  # as predict() does: the features are computed where the model is
     features, labels = [], []
     for batch in torch.utils.data.DataLoader(prepare_for_model(data, model, train=False), batch_size=256):
-        features.append(model.forward_head(model.forward_features(batch["pixel_values"]), pre_logits=True))
-        labels.append(batch["labels"])
+        features.append(model.forward_head(model.forward_features(batch["pixel_values"].to(device)), pre_logits=True))
+        labels.append(batch["labels"].to(device))
     return torch.cat(features), torch.cat(labels)
 
 
@@ -326,7 +327,8 @@ def linear_probe(base: torch.nn.Module, clean, num_classes: int, l2: float = 1e-
     head = base.get_classifier()
     if not isinstance(head, torch.nn.Linear):
         raise SystemExit(f"probe_base fits a linear classifier; this base's is {type(head).__name__}.")
-    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)  # a convex problem: start anywhere
+    for parameter in head.parameters():  # a convex problem: any start reaches the same optimum
+        torch.nn.init.zeros_(parameter)
     optimizer = torch.optim.LBFGS(head.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
